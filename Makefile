@@ -1,0 +1,52 @@
+# make run | make test | make lint | make check-audio | make bench       (ARGS="--voice marin")
+SHELL := /bin/bash
+VENV := .venv
+ARGS ?=
+
+# The newest Python 3.10+ on PATH (macOS's own /usr/bin/python3 may be 3.9).
+PYTHON := $(shell for p in python3.14 python3.13 python3.12 python3.11 python3.10 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+	2>/dev/null && { echo $$p; break; }; done)
+
+.PHONY: run test lint check-audio bench sox clean
+
+run: $(VENV)/.run sox
+	@$(VENV)/bin/python realtime_sox.py $(ARGS)
+
+check-audio: $(VENV)/.run sox
+	@$(VENV)/bin/python realtime_sox.py --check-audio $(ARGS)
+
+test: $(VENV)/.dev
+	$(VENV)/bin/python -m pytest -q tests
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check --line-length 110 --select E,F,W,B,UP,I realtime_sox.py tests bench
+	$(VENV)/bin/mypy --strict realtime_sox.py
+
+bench: $(VENV)/.dev
+	$(VENV)/bin/python bench/run.py
+
+$(VENV)/bin/python:
+	@if [ -z "$(PYTHON)" ]; then echo "error: Python 3.10 or newer is needed:" \
+		"brew install python (macOS) or sudo apt-get install python3 python3-venv"; exit 1; fi
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.run: requirements.txt | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	@touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install -q -r requirements-dev.txt
+	@touch $@ $(VENV)/.run
+
+sox:
+	@command -v sox >/dev/null 2>&1 || { \
+	if [ "$$(uname)" = Darwin ] && command -v brew >/dev/null 2>&1; then brew install sox; \
+	elif [ "$$(uname)" = Darwin ]; then echo "error: sox is missing: install Homebrew (https://brew.sh), then: brew install sox"; exit 1; \
+	elif command -v apt-get >/dev/null 2>&1; then echo "error: sox is missing: sudo apt-get install sox libsox-fmt-pulse"; exit 1; \
+	elif command -v dnf >/dev/null 2>&1; then echo "error: sox is missing: sudo dnf install sox"; exit 1; \
+	elif command -v pacman >/dev/null 2>&1; then echo "error: sox is missing: sudo pacman -S sox"; exit 1; \
+	else echo "error: sox is missing: install it with your package manager (https://sourceforge.net/projects/sox/)"; exit 1; fi; }
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/out

@@ -1,0 +1,1080 @@
+#!/usr/bin/env python3
+"""Talk to the OpenAI Realtime API from a terminal, with SoX as microphone and speaker.
+
+A Python port of the TypeScript CLI in "Conversing with AI Using the Newly Released OpenAI Realtime
+API" (noboru-kudo, 2024), moved onto today's GA interface. One thread, one `selectors` loop:
+
+    sox recorder --stdout--> 20 ms frames --> input_audio_buffer.append --> WebSocket
+    WebSocket --> response.output_audio.delta --> our queue --paced--> sox player --stdin
+
+Read top to bottom: configuration, the sox processes, the connection, the conversation (one handler
+per server event), the loop, and `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import collections
+import dataclasses
+import getpass
+import ipaddress
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import websocket
+from dotenv import load_dotenv
+from rich.console import Console
+from rich.text import Text
+
+# --- Configuration -------------------------------------------------------------------------------
+
+SAMPLE_RATE = 24_000
+BYTES_PER_SECOND = SAMPLE_RATE * 2  # 16-bit mono
+FRAME_BYTES = BYTES_PER_SECOND * 20 // 1000  # one 20 ms append (960 bytes)
+
+# The article's sox commands, verbatim and in order. Global options may go in front (see Plumbing).
+RECORDER_ARGS = ["--default-device", "--no-show-progress", "--rate", "24000", "--channels", "1",
+                 "--encoding", "signed-integer", "--bits", "16", "--type", "raw", "-"]
+PLAYER_ARGS = ["--type", "raw", "--rate", "24000", "--encoding", "signed-integer", "--bits", "16",
+               "--channels", "1", "-", "--no-show-progress", "--default-device"]
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_MODEL = "gpt-realtime-2.1"
+DEFAULT_VOICE = "echo"  # the article's voice
+DEFAULT_TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"  # retires 2027-02-26: then gpt-transcribe
+DEFAULT_INSTRUCTIONS = ("You are a friendly voice assistant in a terminal. Keep answers short and "
+                        "conversational; the person hears you rather than reads you.")
+VOICES = ["alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"]
+
+# USD per million tokens: audio in, audio cached, audio out, text in, text cached, text out, image in.
+PRICES: dict[str, tuple[float, float, float, float, float, float, float]] = {
+    "gpt-realtime-2.1": (32.00, 0.40, 64.00, 4.00, 0.40, 24.00, 5.00),
+    "gpt-realtime-2.1-mini": (10.00, 0.30, 20.00, 0.60, 0.06, 2.40, 0.80),
+    "gpt-realtime-2": (32.00, 0.40, 64.00, 4.00, 0.40, 24.00, 5.00),
+    "gpt-realtime-1.5": (32.00, 0.40, 64.00, 4.00, 0.40, 16.00, 5.00),
+    "gpt-realtime": (32.00, 0.40, 64.00, 4.00, 0.40, 16.00, 5.00),
+    "gpt-realtime-mini": (10.00, 0.30, 20.00, 0.60, 0.06, 2.40, 0.80),
+}
+
+
+class Exit:
+    """Exit codes, one per kind of failure (listed in the README)."""
+    OK, USAGE, NO_KEY, NO_SOX, AUDIO, AUTH, NOT_FOUND, RATE_LIMIT, NETWORK, TLS, CLOSED = (
+        0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+
+
+class Fatal(Exception):
+    """A failure the person can act on: one line of text and an exit code, never a traceback."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class Plumbing:
+    """How audio moves. `tuned` is this project's; `article` reproduces the article for comparison."""
+    sox_options: tuple[str, ...]  # global options put in front of the article's arguments
+    player_lead_ms: float | None  # how far ahead of the speaker we may write; None: all at once
+    startup_ms: float  # audio to collect before a reply starts playing, against network jitter
+    block_bytes: int  # the player plays whole blocks only; pad reply ends to this size
+    frame_bytes: int | None  # re-frame the microphone into appends of this size; None: as read
+    barge_in: bool
+
+
+PLUMBING = {
+    # --buffer 960: the player plays 40 ms blocks and starts in ~10 ms (with PULSE_LATENCY_MSEC=20)
+    # instead of waiting for a 341 ms block; the recorder delivers 4096 B reads, not 8192 B.
+    "tuned": Plumbing(("--buffer", "960"), 60, 60, 960 * 2, FRAME_BYTES, True),
+    "article": Plumbing((), None, 0, 8192 * 2, None, False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    api_key: str
+    url: str
+    model: str
+    voice: str
+    instructions: str
+    transcription_model: str
+    turn_detection: str
+    vad_threshold: float | None
+    noise_reduction: str
+    duplex: str
+    plumbing: Plumbing
+
+
+def env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Talk with an OpenAI Realtime model through sox. Type a line and press Enter to "
+                    "send text; an empty line interrupts the assistant. Ctrl-C quits.")
+    add = parser.add_argument
+    add("--base-url", default=env("OPENAI_BASE_URL", DEFAULT_BASE_URL),
+        help="API base URL [env OPENAI_BASE_URL; default %(default)s]")
+    add("--model", default=env("REALTIME_MODEL", DEFAULT_MODEL),
+        help="Realtime model [env REALTIME_MODEL; default %(default)s]")
+    add("--voice", default=env("REALTIME_VOICE", DEFAULT_VOICE),
+        help=f"assistant voice, one of {', '.join(VOICES)} [env REALTIME_VOICE; default %(default)s]")
+    add("--instructions", default=env("REALTIME_INSTRUCTIONS", DEFAULT_INSTRUCTIONS),
+        help="system instructions [env REALTIME_INSTRUCTIONS]")
+    add("--transcription-model", default=env("REALTIME_TRANSCRIPTION_MODEL",
+                                             DEFAULT_TRANSCRIPTION_MODEL),
+        help="model that transcribes your speech, or 'none' [env REALTIME_TRANSCRIPTION_MODEL; "
+             "default %(default)s]")
+    add("--turn-detection", choices=["server_vad", "semantic_vad", "none"],
+        default=env("REALTIME_TURN_DETECTION", "server_vad"),
+        help="who decides when you stopped talking; with 'none', Enter ends your turn "
+             "[env REALTIME_TURN_DETECTION; default %(default)s]")
+    add("--vad-threshold", type=float, default=env("REALTIME_VAD_THRESHOLD", "") or None,
+        help="server_vad loudness threshold 0..1, higher ignores more background noise "
+             "[env REALTIME_VAD_THRESHOLD; default: the API's 0.5]")
+    add("--noise-reduction", choices=["near_field", "far_field", "none"],
+        default=env("REALTIME_NOISE_REDUCTION", "none"),
+        help="the API's input noise reduction: near_field for headsets, far_field for laptop "
+             "microphones [env REALTIME_NOISE_REDUCTION; default %(default)s]")
+    add("--duplex", choices=["full", "half"], default=env("REALTIME_DUPLEX", "full"),
+        help="'half' mutes the microphone while the assistant speaks, so laptop speakers cannot "
+             "make it answer itself [env REALTIME_DUPLEX; default %(default)s]")
+    add("--plumbing", choices=sorted(PLUMBING), default=env("REALTIME_PLUMBING", "tuned"),
+        help="'article' moves audio exactly as the article did, for comparison "
+             "[env REALTIME_PLUMBING; default %(default)s]")
+    args = parser.parse_args(argv)
+    if args.vad_threshold is not None and not 0 <= args.vad_threshold <= 1:
+        parser.error("--vad-threshold must be between 0 and 1")
+    if args.voice not in VOICES:
+        parser.error(f"--voice must be one of {', '.join(VOICES)}")
+    return args
+
+
+def realtime_url(base_url: str, model: str) -> str:
+    """wss://host/v1/realtime?model=… from an SDK-style base URL; plain ws:// only to loopback."""
+    parts = urllib.parse.urlsplit(base_url)
+    scheme = {"https": "wss", "wss": "wss", "http": "ws", "ws": "ws"}.get(parts.scheme)
+    if scheme is None or not parts.hostname:
+        raise Fatal(f"OPENAI_BASE_URL {base_url!r} is not an http(s) URL; "
+                    f"use something like {DEFAULT_BASE_URL}", Exit.USAGE)
+    if scheme == "ws" and not is_loopback(parts.hostname):
+        raise Fatal(f"refusing to send the API key in clear text to {parts.hostname}: "
+                    "use https:// (plain http is only allowed to this machine)", Exit.USAGE)
+    query = urllib.parse.urlencode({"model": model})
+    return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/realtime",
+                                    query, ""))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key(env_file: Path) -> str:
+    """The key from the environment or .env; asked for (and optionally saved) on a terminal."""
+    key = os.environ.get("OPENAI_API_KEY", "").strip()
+    if key:
+        return key
+    if not sys.stdin.isatty():
+        raise Fatal("OPENAI_API_KEY is not set: copy .env.example to .env and put your key in it, "
+                    "or export OPENAI_API_KEY", Exit.NO_KEY)
+    try:
+        key = getpass.getpass("OpenAI API key (input hidden): ").strip()
+        if key and input(f"Save it to {env_file} (readable only by you)? [y/N] ").lower() == "y":
+            with os.fdopen(os.open(env_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as f:
+                f.write(f"OPENAI_API_KEY={key}\n")
+            os.chmod(env_file, 0o600)
+    except (EOFError, KeyboardInterrupt):
+        key = ""
+    if not key:
+        raise Fatal("no API key given; create one at https://platform.openai.com/api-keys",
+                    Exit.NO_KEY)
+    return key
+
+
+def load_config(argv: list[str]) -> Config:
+    env_file = Path.cwd() / ".env"
+    load_dotenv(env_file, override=False)  # a variable already set wins over the file
+    args = parse_args(argv)
+    url = realtime_url(args.base_url, args.model)
+    return Config(
+        api_key=api_key(env_file), url=url, model=args.model, voice=args.voice,
+        instructions=args.instructions, transcription_model=args.transcription_model,
+        turn_detection=args.turn_detection, vad_threshold=args.vad_threshold,
+        noise_reduction=args.noise_reduction, duplex=args.duplex,
+        plumbing=PLUMBING[args.plumbing])
+
+
+def session_config(config: Config) -> dict[str, Any]:
+    """The GA `session.update` body: PCM16 at 24 kHz both ways (the API insists on `rate`)."""
+    pcm = {"type": "audio/pcm", "rate": SAMPLE_RATE}
+    audio_in: dict[str, Any] = {"format": pcm, "turn_detection": None, "transcription": None,
+                                "noise_reduction": None}
+    if config.turn_detection != "none":
+        audio_in["turn_detection"] = {"type": config.turn_detection}
+        if config.vad_threshold is not None and config.turn_detection == "server_vad":
+            audio_in["turn_detection"]["threshold"] = config.vad_threshold
+    if config.transcription_model != "none":
+        audio_in["transcription"] = {"model": config.transcription_model}
+    if config.noise_reduction != "none":
+        audio_in["noise_reduction"] = {"type": config.noise_reduction}
+    return {"type": "realtime", "instructions": config.instructions,
+            "output_modalities": ["audio"],
+            "audio": {"input": audio_in, "output": {"format": pcm, "voice": config.voice}}}
+
+
+# --- The sox processes ---------------------------------------------------------------------------
+
+class Sox:
+    """One sox child. Its stderr is read by the loop: sox exits 0 when the audio server goes away,
+    and its `sox FAIL …` line is the only account of why."""
+
+    def __init__(self, role: str, args: list[str], env_extra: dict[str, str]) -> None:
+        self.role = role
+        self.selector: selectors.BaseSelector | None = None
+        self.stderr_lines: list[str] = []
+        self._stderr_partial = b""
+        # Own session: the terminal's Ctrl-C reaches us only, and we stop sox in our own order.
+        self.process = subprocess.Popen(
+            ["sox", *args], stdin=subprocess.PIPE if role == "player" else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if role == "recorder" else subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env={**os.environ, **env_extra}, start_new_session=True)
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None:
+                os.set_blocking(stream.fileno(), False)
+
+    def watch(self, selector: selectors.BaseSelector) -> None:
+        self.selector = selector
+        selector.register(self.process.stderr, selectors.EVENT_READ, self)  # type: ignore[arg-type]
+        if self.process.stdout:
+            selector.register(self.process.stdout, selectors.EVENT_READ, "mic")
+
+    def unwatch(self) -> None:
+        for stream in (self.process.stdout, self.process.stderr):
+            if self.selector and stream:
+                try:
+                    self.selector.unregister(stream)
+                except (KeyError, ValueError):
+                    pass
+        self.selector = None
+
+    def read_stderr(self) -> bool:
+        """Collect complete stderr lines; False at EOF (sox has exited or is exiting)."""
+        assert self.process.stderr is not None
+        try:
+            chunk = os.read(self.process.stderr.fileno(), 4096)
+        except BlockingIOError:
+            return True
+        lines = (self._stderr_partial + chunk).split(b"\n")
+        self._stderr_partial = lines.pop() if chunk else b""
+        self.stderr_lines += [line.decode(errors="replace").strip() for line in lines if line.strip()]
+        return bool(chunk)
+
+    def failure(self) -> str:
+        """sox's own reason, without the ALSA probing noise that precedes it."""
+        self.read_stderr_to_end()
+        fails = [line for line in self.stderr_lines if "FAIL" in line]
+        reason = (fails or [line for line in self.stderr_lines if not line.startswith("ALSA lib")]
+                  or [f"exited with code {self.process.poll()}"])[-1]
+        return f"the sox {self.role} stopped: {reason}"
+
+    def read_stderr_to_end(self) -> None:
+        if self.process.stderr and not self.process.stderr.closed:
+            deadline = time.monotonic() + 0.2
+            while self.read_stderr() and time.monotonic() < deadline:
+                time.sleep(0.005)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.unwatch()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:  # a player stdin we could not flush: the audio is dropped anyway
+                    pass
+
+
+def start_recorder(plumbing: Plumbing) -> Sox:
+    return Sox("recorder", [*plumbing.sox_options, *RECORDER_ARGS], {})
+
+
+def start_player(plumbing: Plumbing) -> Sox:
+    # PulseAudio's default 250 ms stream buffer would undo the small sox block; a user's own
+    # PULSE_LATENCY_MSEC wins.
+    extra = {"PULSE_LATENCY_MSEC": os.environ.get("PULSE_LATENCY_MSEC", "20")}
+    player = Sox("player", [*plumbing.sox_options, *PLAYER_ARGS], extra if plumbing.barge_in else {})
+    shrink_pipe(player)
+    return player
+
+
+def shrink_pipe(player: Sox) -> None:
+    """A 64 KiB pipe holds 1.4 s of audio nobody can take back; paced writes never need more."""
+    set_pipe_size = getattr(__import__("fcntl"), "F_SETPIPE_SZ", None)  # Linux only
+    if set_pipe_size and player.process.stdin:
+        try:
+            __import__("fcntl").fcntl(player.process.stdin.fileno(), set_pipe_size, 4096)
+        except OSError:
+            pass
+
+
+@dataclasses.dataclass
+class HeardItem:
+    """The ledger of one assistant audio item: what arrived, what went to the player, when."""
+    item_id: str
+    received: int = 0  # bytes
+    written: int = 0
+    start_offset: int | None = None  # position of its first byte in the player's stream
+    complete: bool = False  # `response.output_audio.done` arrived
+
+
+class Player:
+    """Feeds the sox player from our own queue, paced to real time, so we always know what was
+    heard and can stop the sound at once. The player's clock starts when audio is written to an
+    idle player; after that it consumes BYTES_PER_SECOND until it runs dry."""
+
+    def __init__(self, plumbing: Plumbing) -> None:
+        self.plumbing = plumbing
+        self.sox = start_player(plumbing)
+        self.queue: collections.deque[tuple[HeardItem | None, memoryview]] = collections.deque()
+        self.queued_bytes = 0
+        self.items: dict[str, HeardItem] = {}
+        self.written = 0  # bytes given to this sox process
+        self.clock_start = 0.0
+        self.waiting_since: float | None = None  # start-up buffer: first audio of an idle player
+
+    def played(self, now: float) -> int:
+        return min(self.written, int((now - self.clock_start) * BYTES_PER_SECOND) & ~1)
+
+    def audible_until(self) -> float:
+        """When the audio written so far will have finished playing."""
+        return self.clock_start + self.written / BYTES_PER_SECOND
+
+    def busy(self, now: float) -> bool:
+        return bool(self.queue) or now < self.audible_until()
+
+    def add(self, item_id: str, audio: bytes, now: float) -> None:
+        item = self.items.setdefault(item_id, HeardItem(item_id))
+        item.received += len(audio)
+        self._enqueue(item, audio)
+        if self.waiting_since is None and not self.busy(now - 1e-9) and self.queued_bytes:
+            self.waiting_since = now
+
+    def finish(self, item_id: str) -> None:
+        """The item's audio is complete: pad with silence so sox plays its last partial block."""
+        item = self.items.get(item_id)
+        if item is None or item.complete:
+            return
+        item.complete = True
+        padding = -(self.written + self.queued_bytes) % self.plumbing.block_bytes
+        if padding:
+            self._enqueue(None, bytes(padding))
+
+    def _enqueue(self, item: HeardItem | None, audio: bytes) -> None:
+        self.queue.append((item, memoryview(audio)))
+        self.queued_bytes += len(audio)
+
+    def heard_ms(self, item: HeardItem, now: float) -> int:
+        if item.start_offset is None:
+            return 0
+        heard = min(max(self.played(now) - item.start_offset, 0), item.written)
+        return heard * 1000 // BYTES_PER_SECOND
+
+    def pump(self, now: float) -> None:
+        """Write what is due; never blocks (a full pipe just leaves the rest queued)."""
+        lead = self.plumbing.player_lead_ms
+        if self._starting_up(now):
+            return
+        budget = (self.queued_bytes if lead is None
+                  else int(lead * BYTES_PER_SECOND / 1000) - (self.written - self.played(now)))
+        assert self.sox.process.stdin is not None
+        fd = self.sox.process.stdin.fileno()
+        while budget > 0 and self.queue:
+            item, audio = self.queue[0]
+            try:
+                count = os.write(fd, audio[:budget])
+            except BlockingIOError:
+                return
+            if self.played(now) >= self.written:  # the player ran dry: its clock restarts now
+                self.clock_start = now - self.written / BYTES_PER_SECOND
+            if item is not None:
+                if item.start_offset is None:
+                    item.start_offset = self.written
+                item.written += count
+            self.written += count
+            self.queued_bytes -= count
+            budget -= count
+            if count == len(audio):
+                self.queue.popleft()
+            else:
+                self.queue[0] = (item, audio[count:])
+
+    def _starting_up(self, now: float) -> bool:
+        if self.waiting_since is None:
+            return False
+        head = self.queue[0][0] if self.queue else None
+        enough = (self.queued_bytes * 1000 >= self.plumbing.startup_ms * BYTES_PER_SECOND
+                  or (head is not None and head.complete)
+                  or now - self.waiting_since >= self.plumbing.startup_ms / 1000)
+        if enough:
+            self.waiting_since = None
+        return not enough
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When the loop should call pump() again."""
+        if not self.queue:
+            return None
+        if self.waiting_since is not None:
+            return self.waiting_since + self.plumbing.startup_ms / 1000
+        if self.plumbing.player_lead_ms is None:
+            return now + 0.05  # a full pipe: try again shortly
+        ahead = (self.written - self.played(now)) / BYTES_PER_SECOND
+        return now + max(ahead - self.plumbing.player_lead_ms / 2000, 0.005)
+
+    def stop(self) -> None:
+        """Silence now: SIGKILL (SIGTERM lets sox play ~220 ms more), drop the queue, respawn."""
+        selector = self.sox.selector
+        self.sox.kill(signal.SIGKILL)
+        self.queue.clear()
+        self.queued_bytes = self.written = 0
+        self.items.clear()
+        self.waiting_since = None
+        self.sox = start_player(self.plumbing)
+        if selector:
+            self.sox.watch(selector)
+
+
+# --- The connection ------------------------------------------------------------------------------
+
+class Connection:
+    """A WebSocket that never blocks the loop. websocket-client does the handshake; after it, the
+    socket is non-blocking and we frame messages ourselves, so a half-received frame just waits
+    in `inbox` for the rest."""
+
+    MAX_MESSAGE = 32 * 1024 * 1024
+
+    def __init__(self, url: str, api_key: str) -> None:
+        self.url = url
+        self.sock = handshake(url, api_key)
+        self.sock.setblocking(False)
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+        self.fragments: list[bytes] = []
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    def send(self, event: dict[str, Any]) -> None:
+        self._queue_frame(json.dumps(event), websocket.ABNF.OPCODE_TEXT)
+
+    def _queue_frame(self, payload: str | bytes, opcode: int) -> None:
+        self.outbox += websocket.ABNF.create_frame(payload, opcode).format()
+        self.flush()
+
+    def flush(self) -> None:
+        while self.outbox:
+            try:
+                sent = self.sock.send(self.outbox)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return
+            del self.outbox[:sent]
+
+    def receive(self) -> list[tuple[int, bytes]]:
+        """All complete messages that have arrived, as (opcode, payload). Reads until the socket
+        would block, which also drains what the SSL layer holds decrypted (`pending()`), bytes
+        that select() cannot see."""
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except OSError as error:
+                raise Fatal(f"the connection to the API broke: {error}", Exit.CLOSED) from None
+            if not chunk:
+                if self.close_code is None:
+                    raise Fatal("the API closed the connection without a close frame "
+                                "(network drop or server restart); run again", Exit.CLOSED)
+                break
+            self.inbox += chunk
+        return self._messages()
+
+    def _messages(self) -> list[tuple[int, bytes]]:
+        messages = []
+        while (frame := self._next_frame()) is not None:
+            fin, opcode, payload = frame
+            if opcode == websocket.ABNF.OPCODE_PING:
+                self._queue_frame(payload, websocket.ABNF.OPCODE_PONG)
+            elif opcode == websocket.ABNF.OPCODE_CLOSE:
+                self._on_close(payload)
+            elif opcode == websocket.ABNF.OPCODE_PONG:
+                pass
+            else:
+                self.fragments.append(payload if opcode == websocket.ABNF.OPCODE_CONT
+                                      else bytes([opcode]) + payload)
+                if fin:
+                    message = b"".join(self.fragments)
+                    self.fragments.clear()
+                    messages.append((message[0], message[1:]))
+        return messages
+
+    def _next_frame(self) -> tuple[bool, int, bytes] | None:
+        buf = self.inbox
+        if len(buf) < 2:
+            return None
+        length, start = buf[1] & 0x7F, 2
+        if length >= 126:
+            start = 4 if length == 126 else 10
+            if len(buf) < start:
+                return None
+            length = int.from_bytes(buf[2:start], "big")
+        masked = buf[1] & 0x80
+        if length > self.MAX_MESSAGE:
+            raise Fatal(f"the API sent a {length}-byte frame, more than any event should be",
+                        Exit.CLOSED)
+        end = start + (4 if masked else 0) + length
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[end - length:end])
+        if masked:  # servers must not mask, but undoing it costs nothing
+            payload = websocket.ABNF.mask(bytes(buf[start:start + 4]), payload)
+        fin, opcode = bool(buf[0] & 0x80), buf[0] & 0x0F
+        del buf[:end]
+        return fin, opcode, payload
+
+    def _on_close(self, payload: bytes) -> None:
+        self.close_code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+        self.close_reason = payload[2:].decode(errors="replace")
+        self._queue_frame(payload[:2], websocket.ABNF.OPCODE_CLOSE)
+
+    def close(self) -> None:
+        """Say goodbye with 1000 and wait briefly for the server's reply; the loop is over."""
+        try:
+            self.sock.setblocking(True)
+            self.sock.settimeout(0.5)
+            if self.close_code is None:
+                self.outbox += websocket.ABNF.create_frame(
+                    struct.pack("!H", 1000), websocket.ABNF.OPCODE_CLOSE).format()
+            self.sock.sendall(self.outbox)
+            if self.close_code is None:
+                self.sock.recv(4096)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.sock.close()
+
+
+def handshake(url: str, api_key: str) -> socket.socket:
+    """Open the WebSocket with only the Authorization header (never the retired OpenAI-Beta one),
+    turning each way it can fail into one line that says what to do."""
+    host = urllib.parse.urlsplit(url).hostname
+    try:
+        ws = websocket.create_connection(url, header=[f"Authorization: Bearer {api_key}"],
+                                         timeout=15, enable_multithread=False)
+    except websocket.WebSocketBadStatusException as error:
+        raise refused(error.status_code, error.resp_body) from None
+    except socket.gaierror:
+        raise Fatal(f"cannot resolve {host}: check your network or OPENAI_BASE_URL",
+                    Exit.NETWORK) from None
+    except ssl.SSLError as error:
+        raise Fatal(f"TLS with {host} failed ({error.reason or error}); on macOS with python.org's "
+                    "Python, run 'Install Certificates.command'", Exit.TLS) from None
+    except (OSError, websocket.WebSocketException) as error:
+        raise Fatal(f"cannot connect to {host}: {error or type(error).__name__}; check your "
+                    "network or OPENAI_BASE_URL", Exit.NETWORK) from None
+    assert ws.sock is not None
+    return ws.sock
+
+
+def refused(status: int, body: bytes | str | None) -> Fatal:
+    text = body.decode(errors="replace") if isinstance(body, bytes) else body or ""
+    try:
+        message = json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = text.strip()[:200] or "no details"
+    hints = {401: ("check OPENAI_API_KEY", Exit.AUTH),
+             403: ("your key or project has no access to the Realtime API", Exit.AUTH),
+             404: ("check --model and OPENAI_BASE_URL", Exit.NOT_FOUND),
+             429: ("rate limit or quota reached; wait, or check your billing", Exit.RATE_LIMIT)}
+    hint, code = hints.get(status, ("try again later", Exit.CLOSED))
+    return Fatal(f"the API refused the connection (HTTP {status}): {message} — {hint}", code)
+
+
+# --- Output ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Usage:
+    responses: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float | None = 0.0
+
+
+def response_cost(model: str, usage: dict[str, Any]) -> float | None:
+    """USD for one response. Audio and cached tokens are subsets of the input/output totals."""
+    prices = PRICES.get(model)
+    if prices is None:
+        return None
+    audio_in, audio_cached, audio_out, text_in, text_cached, text_out, image_in = prices
+    details = usage.get("input_token_details") or {}
+    cached = details.get("cached_tokens_details") or {}
+    cached_text = cached.get("text_tokens", details.get("cached_tokens", 0) if not cached else 0)
+    cached_audio = cached.get("audio_tokens", 0)
+    out = usage.get("output_token_details") or {}
+    tokens_and_prices = [
+        (details.get("text_tokens", 0) - cached_text, text_in), (cached_text, text_cached),
+        (details.get("audio_tokens", 0) - cached_audio, audio_in), (cached_audio, audio_cached),
+        (details.get("image_tokens", 0), image_in),
+        (out.get("text_tokens", 0), text_out), (out.get("audio_tokens", 0), audio_out)]
+    return float(sum(max(int(n), 0) * price for n, price in tokens_and_prices)) / 1_000_000
+
+
+class Display:
+    """Everything the person reads. On a terminal the assistant's words stream as they arrive;
+    into a pipe or file each turn is one finished line."""
+
+    def __init__(self, secret: str) -> None:
+        self.out = Console(highlight=False, soft_wrap=True)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.streaming = self.out.is_terminal
+        self.secret = secret
+        self.open_line: str | None = None  # item id whose words are being streamed
+        self.warned: set[str] = set()
+
+    def _end_line(self) -> None:
+        if self.open_line is not None:
+            self.out.print()
+            self.open_line = None
+
+    def clean(self, text: str) -> str:
+        return text.replace(self.secret, "sk-…") if self.secret else text
+
+    def info(self, text: str) -> None:
+        self._end_line()
+        self.out.print(Text(self.clean(text), style="dim"))
+
+    def warn(self, text: str, once: str | None = None) -> None:
+        if once in self.warned:
+            return
+        if once:
+            self.warned.add(once)
+        self._end_line()
+        self.err.print(Text("warning: " + self.clean(text), style="yellow"))
+
+    def fatal(self, text: str) -> None:
+        self._end_line()
+        self.err.print(Text("error: " + self.clean(text), style="bold red"))
+
+    def user(self, text: str) -> None:
+        self._end_line()
+        self.out.print(Text.assemble(("you: ", "bold cyan"), text.strip()))
+
+    def assistant_delta(self, item_id: str, delta: str) -> None:
+        if not self.streaming:
+            return
+        if self.open_line != item_id:
+            self._end_line()
+            self.out.print(Text("assistant: ", style="bold green"), end="")
+            self.open_line = item_id
+        self.out.print(Text(delta), end="")
+
+    def assistant_done(self, item_id: str, transcript: str, heard: float | None) -> None:
+        """Settle the assistant's line; `heard` is the fraction heard when interrupted."""
+        if heard is None:
+            if self.open_line == item_id:
+                self._end_line()
+            elif transcript:
+                self._end_line()
+                self.out.print(Text.assemble(("assistant: ", "bold green"), transcript))
+            return
+        self._end_line()
+        cut = round(len(transcript) * heard)
+        self.out.print(Text.assemble(("assistant (interrupted): " if not self.streaming
+                                      else "  heard: ", "bold green"), transcript[:cut],
+                                     (transcript[cut:], "dim strike")))
+
+    def usage(self, usage: dict[str, Any], cost: float | None) -> None:
+        inp, out = usage.get("input_token_details") or {}, usage.get("output_token_details") or {}
+        self.info(f"  tokens in {usage.get('input_tokens', 0)} (text {inp.get('text_tokens', 0)}, "
+                  f"audio {inp.get('audio_tokens', 0)}, cached {inp.get('cached_tokens', 0)}) · "
+                  f"out {usage.get('output_tokens', 0)} (text {out.get('text_tokens', 0)}, "
+                  f"audio {out.get('audio_tokens', 0)}) · {money(cost)}")
+
+    def totals(self, total: Usage) -> None:
+        self.info(f"session: {total.responses} responses · {total.input_tokens} tokens in · "
+                  f"{total.output_tokens} out · {money(total.cost)}")
+
+
+def money(cost: float | None) -> str:
+    return "cost unknown for this model" if cost is None else f"${cost:.4f}"
+
+
+# --- The conversation: one handler per server event ----------------------------------------------
+
+class Conversation:
+    """State of the talk and the handlers for the server's events (see HANDLERS below)."""
+
+    HALF_DUPLEX_TAIL = 0.3  # s of room echo after the speaker stops
+
+    def __init__(self, config: Config, connection: Connection, recorder: Sox, player: Player,
+                 display: Display) -> None:
+        self.config = config
+        self.connection = connection
+        self.recorder = recorder
+        self.player = player
+        self.display = display
+        self.ready = False  # session.updated arrived: start sending the microphone
+        self.mic = bytearray()
+        self.mic_ms_uncommitted = 0.0
+        self.response_active = False
+        self.interrupted: set[str] = set()  # items whose late audio and words we drop
+        self.heard_fraction: dict[str, float] = {}
+        self.total = Usage()
+
+    def handle(self, message: dict[str, Any]) -> None:
+        handler = HANDLERS.get(message["type"])
+        if handler is not None:
+            handler(self, message)
+        elif message["type"] not in QUIET_EVENTS:
+            self.display.warn(f"ignoring unknown server event {message['type']!r}",
+                              once=message["type"])
+
+    # Session
+    def on_session_created(self, event: dict[str, Any]) -> None:
+        self.connection.send({"type": "session.update", "session": session_config(self.config)})
+
+    def on_session_updated(self, event: dict[str, Any]) -> None:
+        if self.ready:
+            return
+        self.ready = True
+        how = ("press Enter to end your turn" if self.config.turn_detection == "none"
+               else "type a line to send text, Enter alone to interrupt")
+        self.display.info(f"connected: {self.config.model}, voice {self.config.voice}, "
+                          f"{self.config.duplex} duplex — speak now; {how}; Ctrl-C quits")
+
+    def on_error(self, event: dict[str, Any]) -> None:
+        error = event.get("error") or {}
+        self.display.warn(f"the API reported {error.get('code') or error.get('type')}: "
+                          f"{error.get('message')}")
+
+    # The person
+    def on_speech_started(self, event: dict[str, Any]) -> None:
+        self.interrupt(cancel=False)  # the server cancels its response itself on a VAD turn
+
+    def on_user_transcript(self, event: dict[str, Any]) -> None:
+        self.display.user(event.get("transcript", ""))
+
+    def on_user_transcript_failed(self, event: dict[str, Any]) -> None:
+        self.display.warn(f"could not transcribe what you said: "
+                          f"{(event.get('error') or {}).get('message')}")
+
+    # The assistant
+    def on_response_created(self, event: dict[str, Any]) -> None:
+        self.response_active = True
+
+    def on_audio_delta(self, event: dict[str, Any]) -> None:
+        if event.get("item_id") in self.interrupted:
+            return
+        try:
+            audio = base64.b64decode(event["delta"], validate=True)
+        except (binascii.Error, KeyError, TypeError):
+            self.display.warn("skipping audio that is not valid base64", once="base64")
+            return
+        self.player.add(event["item_id"], audio, time.monotonic())
+        self.player.pump(time.monotonic())
+
+    def on_audio_done(self, event: dict[str, Any]) -> None:
+        if event.get("item_id") not in self.interrupted:
+            self.player.finish(event.get("item_id", ""))
+
+    def on_transcript_delta(self, event: dict[str, Any]) -> None:
+        if event.get("item_id") not in self.interrupted:
+            self.display.assistant_delta(event.get("item_id", ""), event.get("delta", ""))
+
+    def on_transcript_done(self, event: dict[str, Any]) -> None:
+        item_id = event.get("item_id", "")
+        self.display.assistant_done(item_id, event.get("transcript", ""),
+                                    self.heard_fraction.get(item_id))
+
+    def on_response_done(self, event: dict[str, Any]) -> None:
+        self.response_active = False
+        response = event.get("response") or {}
+        if response.get("status") == "failed":
+            error = (response.get("status_details") or {}).get("error") or {}
+            self.display.warn(f"the response failed: {error.get('code')} {error.get('message', '')}")
+        usage = response.get("usage")
+        if usage:
+            cost = response_cost(self.config.model, usage)
+            self.total.responses += 1
+            self.total.input_tokens += usage.get("input_tokens", 0)
+            self.total.output_tokens += usage.get("output_tokens", 0)
+            self.total.cost = None if cost is None or self.total.cost is None \
+                else self.total.cost + cost
+            self.display.usage(usage, cost)
+
+    # Actions of ours
+    def interrupt(self, cancel: bool) -> None:
+        """Barge-in: silence the player and tell the server exactly how much was heard."""
+        now = time.monotonic()
+        if not self.config.plumbing.barge_in or not self.player.busy(now):
+            if cancel and self.response_active:
+                self.connection.send({"type": "response.cancel"})
+            return
+        for item in self.player.items.values():
+            heard_ms = self.player.heard_ms(item, now)
+            received_ms = item.received * 1000 // BYTES_PER_SECOND
+            if item.complete and heard_ms >= received_ms:
+                continue  # heard to the end: nothing to take back
+            self.connection.send({"type": "conversation.item.truncate", "item_id": item.item_id,
+                                  "content_index": 0, "audio_end_ms": min(heard_ms, received_ms)})
+            self.interrupted.add(item.item_id)
+            self.heard_fraction[item.item_id] = heard_ms / max(received_ms, 1)
+        self.player.stop()
+        if cancel and self.response_active:
+            self.connection.send({"type": "response.cancel"})
+        self.display.info("  (interrupted)")
+
+    def on_microphone(self, audio: bytes) -> None:
+        """Recorder bytes → 20 ms appends (sox delivers 4096-byte pieces on Linux)."""
+        if not self.ready:
+            return  # the session is not configured yet; what was said before it is dropped
+        now = time.monotonic()
+        if self.config.duplex == "half" and (
+                self.player.busy(now) or now < self.player.audible_until() + self.HALF_DUPLEX_TAIL):
+            audio = bytes(len(audio))  # the model must not hear its own voice from the speakers
+        self.mic += audio
+        size = self.config.plumbing.frame_bytes or len(self.mic)
+        while len(self.mic) >= size and self.mic:
+            frame, self.mic[:size] = bytes(self.mic[:size]), b""
+            self.connection.send({"type": "input_audio_buffer.append",
+                                  "audio": base64.b64encode(frame).decode()})
+            self.mic_ms_uncommitted += len(frame) * 1000 / BYTES_PER_SECOND
+
+    def on_typed_line(self, line: str) -> None:
+        if not self.ready:
+            self.display.warn("not connected yet; type again in a moment")
+            return
+        if line.strip():
+            self.interrupt(cancel=True)
+            self.connection.send({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": line.strip()}]}})
+            self.connection.send({"type": "response.create"})
+            self.display.user(line)
+        elif self.config.turn_detection == "none" and not self.player.busy(time.monotonic()):
+            self.end_manual_turn()
+        else:
+            self.interrupt(cancel=True)
+            if self.config.turn_detection == "none":
+                self.connection.send({"type": "input_audio_buffer.clear"})
+                self.mic_ms_uncommitted = 0
+
+    def end_manual_turn(self) -> None:
+        if self.mic_ms_uncommitted < 100:  # the API rejects commits of less than 100 ms
+            self.display.warn("nothing recorded yet: speak, then press Enter")
+            return
+        self.connection.send({"type": "input_audio_buffer.commit"})
+        self.connection.send({"type": "response.create"})
+        self.mic_ms_uncommitted = 0
+
+
+Handler = Callable[[Conversation, dict[str, Any]], None]
+HANDLERS: dict[str, Handler] = {
+    "session.created": Conversation.on_session_created,
+    "session.updated": Conversation.on_session_updated,
+    "error": Conversation.on_error,
+    "input_audio_buffer.speech_started": Conversation.on_speech_started,
+    "conversation.item.input_audio_transcription.completed": Conversation.on_user_transcript,
+    "conversation.item.input_audio_transcription.failed": Conversation.on_user_transcript_failed,
+    "response.created": Conversation.on_response_created,
+    "response.output_audio.delta": Conversation.on_audio_delta,
+    "response.output_audio.done": Conversation.on_audio_done,
+    "response.output_audio_transcript.delta": Conversation.on_transcript_delta,
+    "response.output_audio_transcript.done": Conversation.on_transcript_done,
+    "response.done": Conversation.on_response_done,
+}
+# Events that need nothing from a terminal client (still valid, so not reported as unknown).
+QUIET_EVENTS = {
+    "input_audio_buffer.speech_stopped", "input_audio_buffer.committed", "input_audio_buffer.cleared",
+    "input_audio_buffer.timeout_triggered", "conversation.created", "conversation.item.added",
+    "conversation.item.created", "conversation.item.done", "conversation.item.truncated",
+    "conversation.item.deleted", "conversation.item.retrieved",
+    "conversation.item.input_audio_transcription.delta",
+    "conversation.item.input_audio_transcription.segment", "response.output_item.added",
+    "response.output_item.done", "response.content_part.added", "response.content_part.done",
+    "response.output_text.delta", "response.output_text.done",
+    "response.function_call_arguments.delta", "response.function_call_arguments.done",
+    "rate_limits.updated", "mcp_list_tools.in_progress", "mcp_list_tools.completed",
+    "mcp_list_tools.failed", "response.mcp_call_arguments.delta", "response.mcp_call_arguments.done",
+    "response.mcp_call.in_progress", "response.mcp_call.completed", "response.mcp_call.failed",
+}
+
+
+def decode_event(opcode: int, payload: bytes, display: Display) -> dict[str, Any] | None:
+    """A server message as an event, or None (reported once per kind) when it is not one."""
+    if opcode != websocket.ABNF.OPCODE_TEXT:
+        display.warn("ignoring a binary frame from the API", once="binary")
+        return None
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        display.warn("ignoring a message from the API that is not JSON", once="json")
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        display.warn("ignoring a message from the API without a type", once="type")
+        return None
+    return event
+
+
+# --- The loop -------------------------------------------------------------------------------------
+
+class Stop(Exception):
+    """Ctrl-C, SIGTERM or SIGHUP: a normal, clean end."""
+
+
+def run(config: Config, display: Display) -> None:
+    recorder = start_recorder(config.plumbing)
+    player = Player(config.plumbing)
+    connection = None
+    try:
+        connection = Connection(config.url, config.api_key)
+        conversation = Conversation(config, connection, recorder, player, display)
+        try:
+            loop(conversation)
+        finally:
+            display.totals(conversation.total)
+    finally:
+        recorder.kill(signal.SIGTERM)
+        player.sox.kill(signal.SIGKILL)
+        if connection is not None:
+            connection.close()
+
+
+def loop(conversation: Conversation) -> None:
+    """One selectors loop: the WebSocket, the recorder, the player, stdin and signals."""
+    connection, display = conversation.connection, conversation.display
+    selector = selectors.DefaultSelector()
+    wakeup_r, wakeup_w = socket.socketpair()
+    wakeup_r.setblocking(False)
+    wakeup_w.setblocking(False)
+    # Signals only write a byte to this socket (like asciinema's pty loop); the loop does the rest.
+    signal.set_wakeup_fd(wakeup_w.fileno())
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: None)
+    selector.register(wakeup_r, selectors.EVENT_READ, "signal")
+    selector.register(connection.sock, selectors.EVENT_READ, "socket")
+    conversation.recorder.watch(selector)
+    conversation.player.sox.watch(selector)
+    stdin_lines = bytearray()
+    try:
+        selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
+    except (ValueError, OSError):  # a regular file or /dev/null cannot be watched: no typing
+        pass
+    try:
+        while True:
+            now = time.monotonic()
+            wakeup = conversation.player.next_wakeup(now)
+            events = selector.select(None if wakeup is None else max(wakeup - now, 0))
+            for key, _ in events:
+                what = key.data
+                if what == "signal":
+                    if wakeup_r.recv(64):
+                        raise Stop
+                elif what == "socket":
+                    for opcode, payload in connection.receive():
+                        event = decode_event(opcode, payload, display)
+                        if event is not None:
+                            conversation.handle(event)
+                    if connection.close_code is not None:
+                        reason = connection.close_reason or "no reason given"
+                        raise Fatal(f"the API closed the session ({connection.close_code}, "
+                                    f"{reason}); run again to start a new one", Exit.CLOSED)
+                elif what == "mic":
+                    audio = read_available(key.fd)
+                    if audio == b"":
+                        raise Fatal(conversation.recorder.failure(), Exit.AUDIO)
+                    if audio:
+                        conversation.on_microphone(audio)
+                elif what == "stdin":
+                    chunk = read_available(key.fd)
+                    if chunk == b"":  # EOF ends typing, not the voice session
+                        selector.unregister(key.fd)
+                    stdin_lines += chunk or b""
+                    while b"\n" in stdin_lines:
+                        line, _, rest = bytes(stdin_lines).partition(b"\n")
+                        stdin_lines[:] = rest
+                        conversation.on_typed_line(line.decode(errors="replace"))
+                elif isinstance(what, Sox):  # stderr: a FAIL line, or EOF as sox exits
+                    if not what.read_stderr() or any("FAIL" in x for x in what.stderr_lines):
+                        raise Fatal(what.failure(), Exit.AUDIO)
+            conversation.player.pump(time.monotonic())
+            connection.flush()
+            selector.modify(connection.sock, selectors.EVENT_READ
+                            | (selectors.EVENT_WRITE if connection.outbox else 0), "socket")
+    finally:
+        signal.set_wakeup_fd(-1)
+        selector.close()
+        wakeup_r.close()
+        wakeup_w.close()
+
+
+def read_available(fd: int) -> bytes | None:
+    """What the pipe holds now: b"" at EOF, None when a wake-up found nothing after all."""
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return None
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    display = Display(secret="")
+    # Until the loop takes over, Ctrl-C and SIGTERM end start-up the ordinary Python way.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        config = load_config(sys.argv[1:] if argv is None else argv)
+        display.secret = config.api_key
+        if shutil.which("sox") is None:
+            raise Fatal("sox is not installed: " + sox_install_hint(), Exit.NO_SOX)
+        run(config, display)
+    except Fatal as failure:
+        display.fatal(str(failure))
+        return failure.code
+    except (Stop, KeyboardInterrupt):
+        pass
+    return Exit.OK
+
+
+def sox_install_hint() -> str:
+    if sys.platform == "darwin":
+        return "brew install sox"
+    return "sudo apt-get install sox libsox-fmt-pulse (or your distribution's sox package)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""A stand-in for the `sox` binary, put first on PATH by the tests and the benchmarks.
+
+It behaves as `../shared/sox-rig.md` measured the real one on Linux:
+- recorder (last argument `-`): writes PCM to stdout in 4096-byte pieces at the real-time rate
+  (the file in FAKE_SOX_MIC, then silence, like a quiet microphone);
+- player (`-` before `--default-device`): plays only whole blocks of `--buffer` samples (8192 by
+  default), the rest of stdin waits for more input or EOF; each 10 ms slice is "heard" at its
+  real-time moment;
+- failures: FAKE_SOX_FAIL_<ROLE>=message fails at once like a missing device (exit 1);
+  FAKE_SOX_DIE_<ROLE>=seconds makes it lose the audio server mid-stream (exit 0, FAIL on stderr).
+
+Everything it does is logged in FAKE_SOX_DIR: `<role>-<pid>.json` (argv, env), `<role>-<pid>.raw`
+(bytes written or heard, in order) and `<role>-<pid>.times` (one "monotonic offset length" line
+per write or heard slice). FAKE_SOX_SPEED > 1 runs the clock faster, for long simulated sessions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+BYTES_PER_SECOND = 48_000
+SLICE = 480  # 10 ms
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    role = "player" if "-" in argv and argv.index("-") < len(argv) - 1 else "recorder"
+    log_dir = os.environ["FAKE_SOX_DIR"]
+    stem = os.path.join(log_dir, f"{role}-{os.getpid()}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"argv": argv, "pid": os.getpid(),
+                   "PULSE_LATENCY_MSEC": os.environ.get("PULSE_LATENCY_MSEC")}, f)
+    fail = os.environ.get(f"FAKE_SOX_FAIL_{role.upper()}")
+    if fail:
+        sys.stderr.write("ALSA lib confmisc.c:855:(parse_card) cannot find card '0'\n"
+                         f"sox FAIL sox: {fail}\n")
+        return 1
+    speed = float(os.environ.get("FAKE_SOX_SPEED", "1"))
+    die_after = float(os.environ.get(f"FAKE_SOX_DIE_{role.upper()}", "inf"))
+    raw = os.open(stem + ".raw", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    times = os.open(stem + ".times", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    run = record if role == "recorder" else play
+    if run(argv, raw, times, speed, time.monotonic() + die_after / speed):
+        direction = "reading from" if role == "recorder" else "writing to"
+        sys.stderr.write(f"sox FAIL sox: `default' error {direction} pulse audio device: "
+                         "Connection terminated: Operation not permitted\n")
+    return 0
+
+
+def log(raw: int, times: int, at: float, offset: int, data: bytes) -> None:
+    os.write(raw, data)
+    os.write(times, f"{at:.6f} {offset} {len(data)}\n".encode())
+
+
+def record(argv: list[str], raw: int, times: int, speed: float, die_at: float) -> bool:
+    """Emit the microphone file then silence, 4096 bytes at a time at the real-time rate."""
+    source = os.environ.get("FAKE_SOX_MIC")
+    mic = open(source, "rb").read() if source else b""
+    chunk, offset, start = 4096, 0, time.monotonic()
+    while True:
+        due = start + (offset + chunk) / BYTES_PER_SECOND / speed
+        if due >= die_at:
+            time.sleep(max(die_at - time.monotonic(), 0))
+            return True
+        time.sleep(max(due - time.monotonic(), 0))
+        data = mic[offset:offset + chunk]
+        data += bytes(chunk - len(data))
+        try:
+            os.write(1, data)
+        except BrokenPipeError:
+            return False
+        log(raw, times, time.monotonic(), offset, data)
+        offset += chunk
+
+
+def play(argv: list[str], raw: int, times: int, speed: float, die_at: float) -> bool:
+    """Read whole blocks from stdin and 'hear' them slice by slice at the real-time rate."""
+    block = 2 * (int(argv[argv.index("--buffer") + 1]) if "--buffer" in argv else 8192)
+    pending, offset, clock, eof = b"", 0, 0.0, False
+    while not eof:
+        while len(pending) < block:
+            data = os.read(0, block - len(pending))
+            if not data:
+                eof = True
+                break
+            pending += data
+        playable, pending = (pending, b"") if eof else (pending[:block], pending[block:])
+        clock = max(clock, time.monotonic())  # an idle device starts again from now
+        for start in range(0, len(playable), SLICE):
+            if clock >= die_at:
+                return True
+            time.sleep(max(clock - time.monotonic(), 0))
+            piece = playable[start:start + SLICE]
+            log(raw, times, clock, offset, piece)
+            offset += len(piece)
+            clock += len(piece) / BYTES_PER_SECOND / speed
+    return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

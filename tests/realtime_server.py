@@ -1,0 +1,197 @@
+"""A fake OpenAI Realtime API: a real WebSocket server on loopback, scripted per test.
+
+Each connection runs `script(session)`. The server records every client event with its arrival
+time and checks it against the openai package's `RealtimeClientEvent` (unknown keys included:
+the SDK's models accept them silently, the API rejects them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from openai.types.realtime import RealtimeClientEvent
+from pydantic import BaseModel, TypeAdapter
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request, Response
+
+CLIENT_EVENT = TypeAdapter(RealtimeClientEvent)
+BYTES_PER_SECOND = 48_000
+_ids = itertools.count(1)
+
+
+def problems_with(event: dict[str, Any]) -> list[str]:
+    """Why the real API would reject this client event (empty when it would not)."""
+    try:
+        model = CLIENT_EVENT.validate_python(event)
+    except Exception as error:  # pydantic.ValidationError, with the whole union's complaints
+        return [f"{event.get('type')}: not a valid client event: {str(error)[:300]}"]
+    found = [f"{event['type']}: unknown key {path}" for path in unknown_keys(model, "")]
+    for path, fmt in audio_formats(event):
+        if fmt.get("type") == "audio/pcm" and fmt.get("rate") != 24000:
+            found.append(f"{event['type']}: {path} is audio/pcm without rate 24000")
+    return found
+
+
+def unknown_keys(value: Any, path: str) -> list[str]:
+    if isinstance(value, BaseModel):
+        found = [f"{path}.{key}" for key in (value.model_extra or {})]
+        for name in type(value).model_fields:
+            found += unknown_keys(getattr(value, name), f"{path}.{name}")
+        return found
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in unknown_keys(v, f"{path}[{i}]")]
+    return []
+
+
+def audio_formats(event: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    audio = (event.get("session") or {}).get("audio") or {}
+    return [(f"session.audio.{side}.format", audio[side]["format"])
+            for side in ("input", "output") if isinstance(audio.get(side), dict)
+            and isinstance(audio[side].get("format"), dict)]
+
+
+class Session:
+    """One client connection, as a script sees it."""
+
+    def __init__(self, server: FakeRealtime, ws: ServerConnection) -> None:
+        self.server = server
+        self.ws = ws
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def send(self, type: str, **fields: Any) -> None:
+        await self.ws.send(json.dumps({"type": type, "event_id": f"event_{next(_ids)}", **fields}))
+
+    async def expect(self, type: str, timeout: float = 10) -> dict[str, Any]:
+        """The next client event of this type (others are skipped; all are recorded)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await self.inbox.get()
+                if event["type"] == type:
+                    return event
+
+    async def handshake(self, expires_in: int = 3600) -> dict[str, Any]:
+        await self.send("session.created", session={
+            "type": "realtime", "id": "sess_1", "object": "realtime.session",
+            "model": "gpt-realtime-2.1", "expires_at": int(time.time()) + expires_in})
+        update = await self.expect("session.update")
+        await self.send("session.updated", session=update["session"])
+        return update
+
+    async def reply(self, audio: bytes, transcript: str, speed: float = 10.0,
+                    chunk_ms: int = 100, usage: dict[str, Any] | None = None,
+                    stop: asyncio.Event | None = None) -> str:
+        """A whole GA response: deltas of `chunk_ms` audio at `speed` times real time. Returns
+        the assistant item id. Stops early (as a cancelled response) when `stop` is set."""
+        response_id, item_id = f"resp_{next(_ids)}", f"item_{next(_ids)}"
+        ids = {"response_id": response_id, "item_id": item_id, "output_index": 0}
+        await self.send("response.created", response={"id": response_id, "status": "in_progress"})
+        await self.send("response.output_item.added", response_id=response_id, output_index=0,
+                        item={"id": item_id, "type": "message", "role": "assistant"})
+        await self.send("response.content_part.added", **ids, content_index=0,
+                        part={"type": "audio"})
+        chunk = BYTES_PER_SECOND * chunk_ms // 1000
+        words = transcript.split(" ")
+        pieces = max(len(audio) // chunk + (len(audio) % chunk > 0), 1)
+        start = time.monotonic()
+        status = "completed"
+        for n in range(pieces):
+            if stop is not None and stop.is_set():
+                status = "cancelled"
+                break
+            share = words[n * len(words) // pieces:(n + 1) * len(words) // pieces]
+            if share:
+                await self.send("response.output_audio_transcript.delta", **ids, content_index=0,
+                                delta=(" " if n else "") + " ".join(share))
+            await self.send("response.output_audio.delta", **ids, content_index=0,
+                            delta=base64.b64encode(audio[n * chunk:(n + 1) * chunk]).decode())
+            await asyncio.sleep(max(start + (n + 1) * chunk_ms / 1000 / speed - time.monotonic(), 0))
+        await self.send("response.output_audio.done", **ids, content_index=0)
+        await self.send("response.output_audio_transcript.done", **ids, content_index=0,
+                        transcript=transcript)
+        await self.send("response.output_item.done", response_id=response_id, output_index=0,
+                        item={"id": item_id, "type": "message", "status": status})
+        await self.send("response.done", response={
+            "id": response_id, "status": status, "usage": usage or {
+                "total_tokens": 140, "input_tokens": 118, "output_tokens": 22,
+                "input_token_details": {"cached_tokens": 0, "text_tokens": 102, "audio_tokens": 16},
+                "output_token_details": {"text_tokens": 22, "audio_tokens": 0}}})
+        return item_id
+
+
+Script = Callable[[Session], Awaitable[None]]
+
+
+class FakeRealtime:
+    """The server, on its own thread and event loop; `url` is an OPENAI_BASE_URL for it."""
+
+    def __init__(self, script: Script, refuse: tuple[int, str] | None = None) -> None:
+        self.script = script
+        self.refuse = refuse  # (HTTP status, body) to fail the handshake with
+        self.received: list[tuple[float, dict[str, Any]]] = []
+        self.problems: list[str] = []
+        self.request_headers: list[dict[str, str]] = []
+        self.closed_with: list[int | None] = []
+        self.sessions_done = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def events(self, type: str) -> list[dict[str, Any]]:
+        return [event for _, event in self.received if event["type"] == type]
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with serve(self._handle, "127.0.0.1", 0, process_request=self._check_request,
+                         max_size=None) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            await self._stop.wait()
+
+    def _check_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        self.request_headers.append(dict(request.headers.raw_items()))
+        if self.refuse:
+            status, body = self.refuse
+            response = ws.respond(status, body)
+            response.headers["Content-Type"] = "application/json"
+            return response
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        session = Session(self, ws)
+        reader = asyncio.create_task(self._read(session))
+        try:
+            await self.script(session)
+        finally:
+            reader.cancel()
+            self.sessions_done.set()
+
+    async def _read(self, session: Session) -> None:
+        try:
+            async for message in session.ws:
+                event = json.loads(message)
+                self.received.append((time.monotonic(), event))
+                self.problems += problems_with(event)
+                await session.inbox.put(event)
+        finally:
+            self.closed_with.append(session.ws.close_code)
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
