@@ -135,8 +135,10 @@ def base_env(tmp_path: Path, sox_log: SoxLog) -> dict[str, str]:
     sox.chmod(0o755)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OPENAI_", "REALTIME_", "FAKE_SOX_", "PULSE_LATENCY"))}
+    # A dead loopback port unless a test names its fake server: no test may reach a real API.
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", FAKE_SOX_DIR=str(sox_log.dir),
-               OPENAI_API_KEY=API_KEY, PYTHONUNBUFFERED="1")
+               OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL="http://127.0.0.1:9/v1",
+               PYTHONUNBUFFERED="1")
     return env
 
 
@@ -161,12 +163,17 @@ def run_client(tmp_path: Path, base_env: dict[str, str], sox_log: SoxLog) -> Ite
     sox processes checked for orphans after the test."""
     clients: list[Client] = []
 
-    def start(server: FakeRealtime | None, *args: str, env: dict[str, str] | None = None,
+    def start(server: FakeRealtime | None, *args: str, env: dict[str, str | None] | None = None,
               stdin: int | None = subprocess.PIPE) -> Client:
+        """`env` adds to the base environment; a None value removes the variable."""
         full_env = dict(base_env)
         if server is not None:
             full_env["OPENAI_BASE_URL"] = server.url
-        full_env.update(env or {})
+        for name, value in (env or {}).items():
+            if value is None:
+                full_env.pop(name, None)
+            else:
+                full_env[name] = value
         clients.append(Client(tmp_path, server, list(args), full_env, stdin))
         return clients[-1]
 
@@ -191,7 +198,11 @@ def assert_no_orphans(sox_log: SoxLog) -> None:
 
 def running(pid: int) -> bool:
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has exited; its parent just has not reaped it yet
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
-        return False
+        return sys.platform != "linux"

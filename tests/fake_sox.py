@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import sys
 import time
 
@@ -82,6 +83,9 @@ def play(argv: list[str], raw: int, times: int, speed: float, die_at: float) -> 
     pending, offset, clock, eof = b"", 0, 0.0, False
     while not eof:
         while len(pending) < block:
+            wait = None if die_at == float("inf") else max(die_at - time.monotonic(), 0)
+            if not select.select([0], [], [], wait)[0]:
+                return True  # the audio server went away while we waited for input
             data = os.read(0, block - len(pending))
             if not data:
                 eof = True

@@ -176,11 +176,18 @@ class FakeRealtime:
     async def _handle(self, ws: ServerConnection) -> None:
         session = Session(self, ws)
         reader = asyncio.create_task(self._read(session))
+        script = asyncio.create_task(self.script(session))
+        # A script ends when the client goes away; its own failures fail the test.
+        await asyncio.wait({script, reader}, return_when=asyncio.FIRST_COMPLETED)
+        script.cancel()
+        reader.cancel()
         try:
-            await self.script(session)
-        finally:
-            reader.cancel()
-            self.sessions_done.set()
+            await script
+        except asyncio.CancelledError:
+            pass
+        except Exception as error:
+            self.problems.append(f"the fake server's script failed: {error!r}")
+        self.sessions_done.set()
 
     async def _read(self, session: Session) -> None:
         try:
