@@ -92,7 +92,7 @@ class Plumbing:
     sox_options: tuple[str, ...]  # global options put in front of the article's arguments
     player_lead_ms: float | None  # how far ahead of the speaker we may write; None: all at once
     startup_ms: float  # audio to collect before a reply starts playing, against network jitter
-    block_bytes: int  # the player plays whole blocks only; pad reply ends to this size
+    block_bytes: int | None  # the player plays whole blocks only: pad reply ends to this size
     frame_bytes: int | None  # re-frame the microphone into appends of this size; None: as read
     barge_in: bool
 
@@ -101,7 +101,7 @@ PLUMBING = {
     # --buffer 960: the player plays 40 ms blocks and starts in ~10 ms (with PULSE_LATENCY_MSEC=20)
     # instead of waiting for a 341 ms block; the recorder delivers 4096 B reads, not 8192 B.
     "tuned": Plumbing(("--buffer", "960"), 60, 60, 960 * 2, FRAME_BYTES, True),
-    "article": Plumbing((), None, 0, 8192 * 2, None, False),
+    "article": Plumbing((), None, 0, None, None, False),
 }
 
 
@@ -380,6 +380,9 @@ class Player:
         return bool(self.queue) or now < self.audible_until()
 
     def add(self, item_id: str, audio: bytes, now: float) -> None:
+        played = self.played(now)
+        self.items = {key: old for key, old in self.items.items() if not old.complete
+                      or old.start_offset is None or old.start_offset + old.written > played}
         item = self.items.setdefault(item_id, HeardItem(item_id))
         item.received += len(audio)
         self._enqueue(item, audio)
@@ -392,7 +395,7 @@ class Player:
         if item is None or item.complete:
             return
         item.complete = True
-        padding = -(self.written + self.queued_bytes) % self.plumbing.block_bytes
+        padding = -(self.written + self.queued_bytes) % (self.plumbing.block_bytes or 1)
         if padding:
             self._enqueue(None, bytes(padding))
 
@@ -702,19 +705,16 @@ class Display:
             self.open_line = item_id
         self.out.print(Text(delta), end="")
 
-    def assistant_done(self, item_id: str, transcript: str, heard: float | None) -> None:
-        """Settle the assistant's line; `heard` is the fraction heard when interrupted."""
-        if heard is None:
-            if self.open_line == item_id:
-                self._end_line()
-            elif transcript:
-                self._end_line()
-                self.out.print(Text.assemble(("assistant: ", "bold green"), transcript))
-            return
+    def assistant_done(self, item_id: str, transcript: str) -> None:
+        self._end_line()
+        if self.open_line != item_id and not self.streaming and transcript:
+            self.out.print(Text.assemble(("assistant: ", "bold green"), transcript))
+
+    def interrupted(self, transcript: str, heard: float) -> None:
+        """Show which words were heard; the rest, never heard, is struck through."""
         self._end_line()
         cut = round(len(transcript) * heard)
-        self.out.print(Text.assemble(("assistant (interrupted): " if not self.streaming
-                                      else "  heard: ", "bold green"), transcript[:cut],
+        self.out.print(Text.assemble(("  interrupted, heard: ", "yellow"), transcript[:cut],
                                      (transcript[cut:], "dim strike")))
 
     def usage(self, usage: dict[str, Any], cost: float | None) -> None:
@@ -752,7 +752,7 @@ class Conversation:
         self.mic_ms_uncommitted = 0.0
         self.response_active = False
         self.interrupted: set[str] = set()  # items whose late audio and words we drop
-        self.heard_fraction: dict[str, float] = {}
+        self.transcripts: dict[str, str] = {}  # assistant words so far, per item
         self.total = Usage()
 
     def handle(self, message: dict[str, Any]) -> None:
@@ -812,16 +812,20 @@ class Conversation:
             self.player.finish(event.get("item_id", ""))
 
     def on_transcript_delta(self, event: dict[str, Any]) -> None:
-        if event.get("item_id") not in self.interrupted:
-            self.display.assistant_delta(event.get("item_id", ""), event.get("delta", ""))
+        item_id = event.get("item_id", "")
+        if item_id not in self.interrupted:
+            self.transcripts[item_id] = self.transcripts.get(item_id, "") + event.get("delta", "")
+            self.display.assistant_delta(item_id, event.get("delta", ""))
 
     def on_transcript_done(self, event: dict[str, Any]) -> None:
         item_id = event.get("item_id", "")
-        self.display.assistant_done(item_id, event.get("transcript", ""),
-                                    self.heard_fraction.get(item_id))
+        if item_id not in self.interrupted:
+            self.transcripts[item_id] = event.get("transcript", "")
+            self.display.assistant_done(item_id, self.transcripts[item_id])
 
     def on_response_done(self, event: dict[str, Any]) -> None:
         self.response_active = False
+        self.transcripts = {k: v for k, v in self.transcripts.items() if k in self.player.items}
         response = event.get("response") or {}
         if response.get("status") == "failed":
             error = (response.get("status_details") or {}).get("error") or {}
@@ -852,11 +856,11 @@ class Conversation:
             self.connection.send({"type": "conversation.item.truncate", "item_id": item.item_id,
                                   "content_index": 0, "audio_end_ms": min(heard_ms, received_ms)})
             self.interrupted.add(item.item_id)
-            self.heard_fraction[item.item_id] = heard_ms / max(received_ms, 1)
+            self.display.interrupted(self.transcripts.get(item.item_id, ""),
+                                     heard_ms / max(received_ms, 1))
         self.player.stop()
         if cancel and self.response_active:
             self.connection.send({"type": "response.cancel"})
-        self.display.info("  (interrupted)")
 
     def on_microphone(self, audio: bytes) -> None:
         """Recorder bytes → 20 ms appends (sox delivers 4096-byte pieces on Linux)."""
