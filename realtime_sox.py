@@ -91,7 +91,7 @@ class Plumbing:
     """How audio moves. `tuned` is this project's; `article` reproduces the article for comparison."""
     sox_options: tuple[str, ...]  # global options put in front of the article's arguments
     player_lead_ms: float | None  # how far ahead of the speaker we may write; None: all at once
-    startup_ms: float  # audio to collect before a reply starts playing, against network jitter
+    startup_ms: float  # how long a reply's first audio waits before playing: a cushion for jitter
     block_bytes: int | None  # the player plays whole blocks only: pad reply ends to this size
     frame_bytes: int | None  # re-frame the microphone into appends of this size; None: as read
     barge_in: bool
@@ -100,7 +100,7 @@ class Plumbing:
 PLUMBING = {
     # --buffer 960: the player plays 40 ms blocks and starts in ~10 ms (with PULSE_LATENCY_MSEC=20)
     # instead of waiting for a 341 ms block; the recorder delivers 4096 B reads, not 8192 B.
-    "tuned": Plumbing(("--buffer", "960"), 60, 60, 960 * 2, FRAME_BYTES, True),
+    "tuned": Plumbing(("--buffer", "960"), 60, 40, 960 * 2, FRAME_BYTES, True),
     "article": Plumbing((), None, 0, None, None, False),
 }
 
@@ -385,9 +385,9 @@ class Player:
                       or old.start_offset is None or old.start_offset + old.written > played}
         item = self.items.setdefault(item_id, HeardItem(item_id))
         item.received += len(audio)
+        if not self.busy(now):
+            self.waiting_since = now  # the first audio after silence: start the cushion
         self._enqueue(item, audio)
-        if self.waiting_since is None and not self.busy(now - 1e-9) and self.queued_bytes:
-            self.waiting_since = now
 
     def finish(self, item_id: str) -> None:
         """The item's audio is complete: pad with silence so sox plays its last partial block."""
@@ -395,6 +395,9 @@ class Player:
         if item is None or item.complete:
             return
         item.complete = True
+        self._pad_to_block()
+
+    def _pad_to_block(self) -> None:
         padding = -(self.written + self.queued_bytes) % (self.plumbing.block_bytes or 1)
         if padding:
             self._enqueue(None, bytes(padding))
@@ -412,6 +415,8 @@ class Player:
     def pump(self, now: float) -> None:
         """Write what is due; never blocks (a full pipe just leaves the rest queued)."""
         lead = self.plumbing.player_lead_ms
+        if not self.queue and self.played(now) >= self.written - self._partial_block():
+            self._pad_to_block()  # starved mid-reply: play the held-back partial block now
         if self._starting_up(now):
             return
         budget = (self.queued_bytes if lead is None
@@ -438,12 +443,14 @@ class Player:
             else:
                 self.queue[0] = (item, audio[count:])
 
+    def _partial_block(self) -> int:
+        return self.written % self.plumbing.block_bytes if self.plumbing.block_bytes else 0
+
     def _starting_up(self, now: float) -> bool:
         if self.waiting_since is None:
             return False
         head = self.queue[0][0] if self.queue else None
-        enough = (self.queued_bytes * 1000 >= self.plumbing.startup_ms * BYTES_PER_SECOND
-                  or (head is not None and head.complete)
+        enough = ((head is not None and head.complete)
                   or now - self.waiting_since >= self.plumbing.startup_ms / 1000)
         if enough:
             self.waiting_since = None
@@ -452,7 +459,8 @@ class Player:
     def next_wakeup(self, now: float) -> float | None:
         """When the loop should call pump() again."""
         if not self.queue:
-            return None
+            partial = self._partial_block()
+            return self.clock_start + (self.written - partial) / BYTES_PER_SECOND if partial else None
         if self.waiting_since is not None:
             return self.waiting_since + self.plumbing.startup_ms / 1000
         if self.plumbing.player_lead_ms is None:

@@ -1,7 +1,8 @@
 """A stand-in for the `sox` binary, put first on PATH by the tests and the benchmarks.
 
 It behaves as `../shared/sox-rig.md` measured the real one on Linux:
-- recorder (last argument `-`): writes PCM to stdout in 4096-byte pieces at the real-time rate
+- recorder (last argument `-`): writes PCM to stdout in 8192-byte pieces (4096 with `--buffer`)
+  at the real-time rate
   (the file in FAKE_SOX_MIC, then silence, like a quiet microphone);
 - player (`-` before `--default-device`): plays only whole blocks of `--buffer` samples (8192 by
   default), the rest of stdin waits for more input or EOF; each 10 ms slice is "heard" at its
@@ -60,7 +61,8 @@ def record(argv: list[str], raw: int, times: int, speed: float, die_at: float) -
     """Emit the microphone file then silence, 4096 bytes at a time at the real-time rate."""
     source = os.environ.get("FAKE_SOX_MIC")
     mic = open(source, "rb").read() if source else b""
-    chunk, offset, start = 4096, 0, time.monotonic()
+    # glibc writes the pipe in 4096-byte pieces with --buffer; the exact command reads 8192 at once.
+    chunk, offset, start = 4096 if "--buffer" in argv else 8192, 0, time.monotonic()
     while True:
         due = start + (offset + chunk) / BYTES_PER_SECOND / speed
         if due >= die_at:

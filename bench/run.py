@@ -1,0 +1,263 @@
+"""Measure realtime_sox.py's audio path, tuned against the article's plumbing, in one run.
+
+    .venv/bin/python bench/run.py            (or: make bench; about 4 minutes)
+
+Drives the real script against the fake Realtime server and fake sox of the tests (a player that
+plays whole sox blocks at the real-time rate and logs when each 10 ms is heard), and prints one
+Markdown table for the README. --quick skips the 60-minute soak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import API_KEY, Client, SoxLog, noise  # noqa: E402
+from realtime_server import FakeRealtime, Session  # noqa: E402
+
+BPS = 48_000
+
+
+def environment(work: Path, extra: dict[str, str]) -> tuple[dict[str, str], SoxLog]:
+    bin_dir, log_dir = work / "bin", work / "sox"
+    bin_dir.mkdir(parents=True)
+    log_dir.mkdir()
+    (bin_dir / "sox").write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_sox.py"}" "$@"\n')
+    (bin_dir / "sox").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REALTIME_"))}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", FAKE_SOX_DIR=str(log_dir),
+               OPENAI_API_KEY=API_KEY, **extra)
+    return env, SoxLog(log_dir)
+
+
+def session_run(plumbing: str, script: Any, seconds: float, extra_env: dict[str, str] | None = None,
+                args: tuple[str, ...] = ()) -> tuple[FakeRealtime, SoxLog, Client, float]:
+    """Run the client against `script` for `seconds`; returns the evidence and its CPU seconds."""
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    env, sox_log = environment(work, extra_env or {})
+    server = FakeRealtime(script)
+    env["OPENAI_BASE_URL"] = server.url
+    client = Client(work, server, ["--plumbing", plumbing, *args], env)
+    client.started = time.monotonic()  # type: ignore[attr-defined]
+    time.sleep(seconds)
+    cpu = cpu_seconds(client.process.pid)
+    client.rss = rss_kib(client.process.pid)  # type: ignore[attr-defined]
+    client.process.send_signal(signal.SIGINT)
+    client.finish()
+    server.stop()
+    return server, sox_log, client, cpu
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else float("nan")
+
+
+# --- capture ---------------------------------------------------------------------------------------
+
+def capture(plumbing: str) -> dict[str, str]:
+    work_mic = Path(tempfile.mkdtemp()) / "mic.raw"
+    work_mic.write_bytes(noise(6.0, seed=21))
+
+    async def script(session: Session) -> None:
+        await session.handshake()
+        await asyncio.sleep(3600)
+
+    server, sox_log, client, _ = session_run(plumbing, script, 5.0, {"FAKE_SOX_MIC": str(work_mic)})
+    appends = [(t, base64.b64decode(e["audio"])) for t, e in server.received
+               if e["type"] == "input_audio_buffer.append"]
+    (recorder,) = sox_log.runs("recorder")
+    stream = recorder["raw"]
+    writes = recorder["times"]  # (moment, offset, length)
+    offset = stream.find(appends[0][1])
+    delays = []
+    for arrived, audio in appends:
+        last_byte = offset + len(audio) - 1
+        written = next(t for t, o, n in writes if o <= last_byte < o + n)
+        delays.append((arrived - written) * 1000)
+        offset += len(audio)
+    sizes = [len(a) * 1000 / BPS for _, a in appends]
+    first = (appends[0][0] - client.started) * 1000  # type: ignore[attr-defined]
+    return {"append": f"{statistics.median(sizes):.0f} ms (max {max(sizes):.0f})",
+            "capture": f"{pct(delays, .5):.1f} / {pct(delays, .95):.1f} ms",
+            "first": f"{first:.0f} ms"}
+
+
+# --- playback --------------------------------------------------------------------------------------
+
+def playback(plumbing: str, speed: float) -> dict[str, str]:
+    reply = noise(3.03, seed=31)
+    sent: list[tuple[float, int]] = []  # (moment a delta left the server, its offset in the reply)
+
+    async def script(session: Session) -> None:
+        await session.handshake()
+        await asyncio.sleep(0.5)
+        original = session.send
+
+        async def timed_send(type: str, **fields: Any) -> None:
+            if type == "response.output_audio.delta":
+                sent.append((time.monotonic(), sum(len(base64.b64decode(d)) for d in delivered)))
+                delivered.append(fields["delta"])
+            await original(type, **fields)
+
+        delivered: list[str] = []
+        session.send = timed_send  # type: ignore[method-assign]
+        await session.reply(reply, "a reply to measure", speed=speed, chunk_ms=100)
+        await asyncio.sleep(3600)
+
+    _, sox_log, _, _ = session_run(plumbing, script, 0.5 + 3.03 / speed + 3.03 + 1.5)
+    heard = sox_log.heard_times()
+    stream = sox_log.heard()
+    start = stream.find(reply[:4800])
+    consumed = [t for t, _ in heard]
+    # Slices are 480 bytes; find when each delta's first byte was heard.
+    latency = []
+    for moment, offset in sent:
+        index = (start + offset) // 480
+        if start >= 0 and index < len(consumed):
+            latency.append((consumed[index] - moment) * 1000)
+    got = max(len(stream[start:].rstrip(b"\0")), 0) if start >= 0 else 0
+    reply_slices = consumed[start // 480:(start + len(reply)) // 480] if start >= 0 else []
+    gaps = [(b - a) * 1000 - 10 for a, b in zip(reply_slices, reply_slices[1:])]
+    return {"heard": f"{min(got, len(reply)) * 100 / len(reply):.1f} %",
+            "gap": f"{max(gaps, default=0):.0f} ms",
+            "latency": f"{pct(latency, .5):.0f} / {pct(latency, .95):.0f} ms",
+            "start": f"{latency[0]:.0f} ms" if latency else "-"}
+
+
+# --- barge-in --------------------------------------------------------------------------------------
+
+def barge_in(plumbing: str) -> dict[str, str]:
+    reply = noise(5.0, seed=41)
+    moments: dict[str, float] = {}
+
+    async def script(session: Session) -> None:
+        await session.handshake()
+        await session.reply(reply, "a long answer that will be interrupted", speed=10)
+        await asyncio.sleep(1.5)
+        moments["speech"] = time.monotonic()
+        await session.send("input_audio_buffer.speech_started", audio_start_ms=1000, item_id="u")
+        await asyncio.sleep(3600)
+
+    server, sox_log, _, _ = session_run(plumbing, script, 5.0)
+    leftover = sum(n for t, n in sox_log.heard_times() if t > moments["speech"]) * 1000 / BPS
+    heard_before = sum(n for t, n in sox_log.heard_times() if t <= moments["speech"]) * 1000 / BPS
+    truncates = server.events("conversation.item.truncate")
+    error = (f"{abs(truncates[0]['audio_end_ms'] - heard_before):.0f} ms" if truncates
+             else f"no truncate: model assumes all {len(reply) * 1000 // BPS} ms heard")
+    return {"leftover": f"{leftover:.0f} ms", "truncation": error}
+
+
+# --- CPU and memory --------------------------------------------------------------------------------
+
+def full_duplex_cpu(plumbing: str, seconds: float = 30.0) -> dict[str, str]:
+    mic = Path(tempfile.mkdtemp()) / "mic.raw"
+    mic.write_bytes(noise(seconds + 5, seed=51))
+
+    async def script(session: Session) -> None:
+        await session.handshake()
+        while True:  # the assistant talks all the time, delivered at real-time speed
+            await session.reply(noise(5.0, seed=52), "talking", speed=1.0)
+
+    _, _, _, cpu = session_run(plumbing, script, seconds, {"FAKE_SOX_MIC": str(mic)})
+    return {"cpu": f"{cpu / seconds * 100:.2f} % of a core"}
+
+
+def soak(plumbing: str, speed: float = 40.0, minutes: float = 60.0) -> dict[str, str]:
+    """A simulated hour: the microphone runs `speed` times real time; a short reply every 2 s."""
+    seconds = minutes * 60 / speed
+    samples: list[int] = []
+
+    async def script(session: Session) -> None:
+        await session.handshake()
+        n = 0
+        while True:
+            n += 1
+            await session.send("conversation.item.input_audio_transcription.completed",
+                               item_id=f"u{n}", content_index=0, transcript=f"question {n}")
+            await session.reply(noise(0.5, seed=n % 7), f"answer number {n}", speed=10)
+            await asyncio.sleep(1.5)
+
+    work_env = {"FAKE_SOX_SPEED": str(speed)}
+
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    env, _ = environment(work, work_env)
+    server = FakeRealtime(script)
+    env["OPENAI_BASE_URL"] = server.url
+    client = Client(work, server, ["--plumbing", plumbing], env)
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        time.sleep(seconds / 30)
+        samples.append(rss_kib(client.process.pid))
+    client.process.send_signal(signal.SIGINT)
+    client.finish()
+    server.stop()
+    appends = len(server.events("input_audio_buffer.append"))
+    warm = samples[2]  # after start-up (imports, first replies)
+    return {"rss": f"{samples[-1] / 1024:.1f} MB, growth {(samples[-1] - warm) / 1024:+.2f} MB",
+            "simulated": f"{appends * 20 / 60000:.0f} min of mic in {seconds:.0f} s"}
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    results: dict[str, dict[str, str]] = {}
+    for plumbing in ("tuned", "article"):
+        r: dict[str, str] = {}
+        r.update(capture(plumbing))
+        for speed, tag in ((10.0, "10x"), (1.0, "1x")):
+            for key, value in playback(plumbing, speed).items():
+                r[f"{key} {tag}"] = value
+        r.update(barge_in(plumbing))
+        r.update(full_duplex_cpu(plumbing))
+        if not quick:
+            r.update(soak(plumbing))
+        results[plumbing] = r
+        print(f"{plumbing}: {r}", file=sys.stderr)
+    labels = [
+        ("append", "microphone audio per append (p50, max)"),
+        ("capture", "capture latency: recorder write → append on the wire (p50 / p95)"),
+        ("first", "start → first append on the wire"),
+        ("heard 10x", "reply heard, delivered at 10x (3.03 s reply)"),
+        ("gap 10x", "longest gap inside the reply, 10x"),
+        ("start 10x", "first delta received → heard, 10x"),
+        ("heard 1x", "reply heard, delivered at 1x"),
+        ("gap 1x", "longest gap inside the reply, 1x"),
+        ("latency 1x", "playback added latency, delta received → heard, 1x (p50 / p95)"),
+        ("leftover", "barge-in leftover: audio heard after speech_started"),
+        ("truncation", "truncation error: |audio_end_ms − ms actually heard|"),
+        ("cpu", "CPU, full duplex at real time (mic + continuous reply)"),
+        ("rss", "peak RSS and growth over a simulated 60-minute session"),
+        ("simulated", "soak length"),
+    ]
+    print("| measure | tuned (default) | article plumbing |")
+    print("|---|---|---|")
+    for key, label in labels:
+        if key in results["tuned"]:
+            print(f"| {label} | {results['tuned'][key]} | {results['article'].get(key, '-')} |")
+
+
+if __name__ == "__main__":
+    main()
