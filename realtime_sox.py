@@ -17,10 +17,13 @@ import argparse
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
+import fcntl
 import getpass
 import ipaddress
 import json
+import math
 import os
 import selectors
 import shutil
@@ -95,6 +98,8 @@ class Plumbing:
     block_bytes: int | None  # the player plays whole blocks only: pad reply ends to this size
     frame_bytes: int | None  # re-frame the microphone into appends of this size; None: as read
     barge_in: bool
+    input_device: str = ""  # "" is the article's --default-device
+    output_device: str = ""
 
 
 PLUMBING = {
@@ -155,6 +160,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--duplex", choices=["full", "half"], default=env("REALTIME_DUPLEX", "full"),
         help="'half' mutes the microphone while the assistant speaks, so laptop speakers cannot "
              "make it answer itself [env REALTIME_DUPLEX; default %(default)s]")
+    add("--input-device", default=env("REALTIME_INPUT_DEVICE", ""),
+        help="microphone to use instead of the default: a PulseAudio source name on Linux "
+             "(pactl list short sources), a CoreAudio device name on macOS "
+             "[env REALTIME_INPUT_DEVICE]")
+    add("--output-device", default=env("REALTIME_OUTPUT_DEVICE", ""),
+        help="speaker to use instead of the default: a PulseAudio sink name on Linux "
+             "(pactl list short sinks), a CoreAudio device name on macOS [env REALTIME_OUTPUT_DEVICE]")
+    add("--check-audio", action="store_true",
+        help="check the microphone and speakers (no API key needed), then exit")
     add("--plumbing", choices=sorted(PLUMBING), default=env("REALTIME_PLUMBING", "tuned"),
         help="'article' moves audio exactly as the article did, for comparison "
              "[env REALTIME_PLUMBING; default %(default)s]")
@@ -212,17 +226,18 @@ def api_key(env_file: Path) -> str:
     return key
 
 
-def load_config(argv: list[str]) -> Config:
-    env_file = Path.cwd() / ".env"
-    load_dotenv(env_file, override=False)  # a variable already set wins over the file
-    args = parse_args(argv)
+def plumbing_for(args: argparse.Namespace) -> Plumbing:
+    return dataclasses.replace(PLUMBING[args.plumbing], input_device=args.input_device,
+                               output_device=args.output_device)
+
+
+def load_config(args: argparse.Namespace, env_file: Path) -> Config:
     url = realtime_url(args.base_url, args.model)
     return Config(
         api_key=api_key(env_file), url=url, model=args.model, voice=args.voice,
         instructions=args.instructions, transcription_model=args.transcription_model,
         turn_detection=args.turn_detection, vad_threshold=args.vad_threshold,
-        noise_reduction=args.noise_reduction, duplex=args.duplex,
-        plumbing=PLUMBING[args.plumbing])
+        noise_reduction=args.noise_reduction, duplex=args.duplex, plumbing=plumbing_for(args))
 
 
 def session_config(config: Config) -> dict[str, Any]:
@@ -322,26 +337,36 @@ class Sox:
 
 
 def start_recorder(plumbing: Plumbing) -> Sox:
-    return Sox("recorder", [*plumbing.sox_options, *RECORDER_ARGS], {})
+    args, env_extra = on_device(RECORDER_ARGS, plumbing.input_device, "PULSE_SOURCE")
+    return Sox("recorder", [*plumbing.sox_options, *args], env_extra)
 
 
 def start_player(plumbing: Plumbing) -> Sox:
-    # PulseAudio's default 250 ms stream buffer would undo the small sox block; a user's own
-    # PULSE_LATENCY_MSEC wins.
-    extra = {"PULSE_LATENCY_MSEC": os.environ.get("PULSE_LATENCY_MSEC", "20")}
-    player = Sox("player", [*plumbing.sox_options, *PLAYER_ARGS], extra if plumbing.barge_in else {})
+    args, env_extra = on_device(PLAYER_ARGS, plumbing.output_device, "PULSE_SINK")
+    if plumbing.barge_in:  # PulseAudio's default 250 ms stream buffer would undo the small block
+        env_extra["PULSE_LATENCY_MSEC"] = os.environ.get("PULSE_LATENCY_MSEC", "20")
+    player = Sox("player", [*plumbing.sox_options, *args], env_extra)
     shrink_pipe(player)
     return player
 
 
+def on_device(args: list[str], device: str, pulse_variable: str) -> tuple[list[str], dict[str, str]]:
+    """The article's arguments for a chosen device: macOS names a CoreAudio device in place of
+    --default-device; on Linux sox keeps --default-device and libpulse reads the device from env."""
+    if not device:
+        return list(args), {}
+    if sys.platform == "darwin":
+        at = args.index("--default-device")
+        return [*args[:at], "--type", "coreaudio", device, *args[at + 1:]], {}
+    return list(args), {pulse_variable: device}
+
+
 def shrink_pipe(player: Sox) -> None:
     """A 64 KiB pipe holds 1.4 s of audio nobody can take back; paced writes never need more."""
-    set_pipe_size = getattr(__import__("fcntl"), "F_SETPIPE_SZ", None)  # Linux only
+    set_pipe_size = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
     if set_pipe_size and player.process.stdin:
-        try:
-            __import__("fcntl").fcntl(player.process.stdin.fileno(), set_pipe_size, 4096)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(player.process.stdin.fileno(), set_pipe_size, 4096)
 
 
 @dataclasses.dataclass
@@ -1062,6 +1087,114 @@ def read_available(fd: int) -> bytes | None:
         return None
 
 
+# --- The audio check: microphone, speakers, echo, no API key needed -------------------------------
+
+def check_audio(plumbing: Plumbing, display: Display) -> int:
+    """Record 3 s with a level meter, play it back, then play a tone and listen for it. Uses the
+    article's exact sox commands, so what works here works in a conversation."""
+    exact = dataclasses.replace(PLUMBING["article"], input_device=plumbing.input_device,
+                                output_device=plumbing.output_device)
+    display.info("recording 3 seconds: say something…")
+    recording = record(exact, 3.0, display)
+    level = decibels(audio_level(recording))
+    if level < -60:
+        raise Fatal(f"the microphone recorded silence ({level:.0f} dBFS). On macOS: System Settings → "
+                    "Privacy & Security → Microphone → allow your terminal app, then restart it. "
+                    "Elsewhere: check the input device and its volume (--input-device)", Exit.AUDIO)
+    display.info(f"microphone level {level:.0f} dBFS: {'good' if level > -45 else 'quiet'}; "
+                 "playing it back…")
+    play(exact, recording)
+    display.info("playing a test tone and listening for it…")
+    tone = b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * 1000 * n / SAMPLE_RATE)))
+                    for n in range(SAMPLE_RATE))
+    recorder = start_recorder(exact)
+    try:
+        before = read_for(recorder, 0.5, None)
+        play(exact, tone)  # meanwhile the recorder's pipe keeps what it hears
+        during = read_for(recorder, 1.0, None)
+    finally:
+        recorder.kill(signal.SIGTERM)
+    # The 1 kHz energy while the tone played, against the room's before it.
+    echo = decibels(tone_level(during)) - decibels(tone_level(before))
+    if echo > 10:
+        display.warn(f"your microphone hears your speakers ({echo:.0f} dB of the test tone came "
+                     "back): use headphones, or run with --duplex half so the assistant cannot hear "
+                     "itself")
+    else:
+        display.info("the microphone did not hear the speakers: full duplex is safe")
+    return Exit.OK
+
+
+def record(plumbing: Plumbing, seconds: float, display: Display | None) -> bytes:
+    recorder = start_recorder(plumbing)
+    try:
+        return read_for(recorder, seconds, display)
+    finally:
+        recorder.kill(signal.SIGTERM)
+
+
+def read_for(recorder: Sox, seconds: float, display: Display | None) -> bytes:
+    """Read the recorder for `seconds` of audio, with a level meter on a terminal."""
+    assert recorder.process.stdout is not None
+    audio = bytearray()
+    deadline = time.monotonic() + seconds + 5
+    with selectors.DefaultSelector() as selector:
+        selector.register(recorder.process.stdout, selectors.EVENT_READ)
+        while len(audio) < seconds * BYTES_PER_SECOND and time.monotonic() < deadline:
+            if not selector.select(0.5):
+                continue
+            chunk = read_available(recorder.process.stdout.fileno())
+            if chunk == b"":
+                raise Fatal(recorder.failure(), Exit.AUDIO)
+            audio += chunk or b""
+            if display and display.streaming:
+                level = decibels(audio_level(bytes(audio[-4800:])))
+                bar = "█" * max(0, int((level + 60) / 2))
+                display.out.print(Text(f"  level {bar:<30} {level:4.0f} dBFS"), end="\r")
+    if display and display.streaming:
+        display.out.print()
+    return bytes(audio[:int(seconds * BYTES_PER_SECOND)])
+
+
+def play(plumbing: Plumbing, audio: bytes) -> None:
+    player = start_player(plumbing)
+    assert player.process.stdin is not None
+    os.set_blocking(player.process.stdin.fileno(), True)  # no loop to keep responsive here
+    try:
+        player.process.stdin.write(audio)
+        player.process.stdin.close()
+        player.process.wait(len(audio) / BYTES_PER_SECOND + 5)
+    except (BrokenPipeError, subprocess.TimeoutExpired):
+        pass
+    player.read_stderr_to_end()
+    failed = player.process.returncode or any("FAIL" in line for line in player.stderr_lines)
+    failure = player.failure()
+    player.kill()
+    if failed:
+        raise Fatal(failure, Exit.AUDIO)
+
+
+def audio_level(pcm: bytes) -> float:
+    """RMS of 16-bit PCM, 0..1."""
+    samples = memoryview(pcm[:len(pcm) // 2 * 2]).cast("h")
+    return math.sqrt(sum(s * s for s in samples) / max(len(samples), 1)) / 32768
+
+
+def tone_level(pcm: bytes, frequency: float = 1000) -> float:
+    """Amplitude of one frequency (Goertzel), 0..1."""
+    samples = memoryview(pcm[:len(pcm) // 2 * 2]).cast("h")
+    coefficient = 2 * math.cos(2 * math.pi * frequency / SAMPLE_RATE)
+    previous = before = 0.0
+    for sample in samples:
+        previous, before = sample + coefficient * previous - before, previous
+    power = previous * previous + before * before - coefficient * previous * before
+    return 2 * math.sqrt(max(power, 0)) / max(len(samples), 1) / 32768
+
+
+def decibels(level: float) -> float:
+    return 20 * math.log10(max(level, 1e-9))
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -1069,10 +1202,15 @@ def main(argv: list[str] | None = None) -> int:
     # Until the loop takes over, Ctrl-C and SIGTERM end start-up the ordinary Python way.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv)
-        display.secret = config.api_key
+        env_file = Path.cwd() / ".env"
+        load_dotenv(env_file, override=False)  # a variable already set wins over the file
+        args = parse_args(sys.argv[1:] if argv is None else argv)
         if shutil.which("sox") is None:
             raise Fatal("sox is not installed: " + sox_install_hint(), Exit.NO_SOX)
+        if args.check_audio:
+            return check_audio(plumbing_for(args), display)
+        config = load_config(args, env_file)
+        display.secret = config.api_key
         run(config, display)
     except Fatal as failure:
         display.fatal(str(failure))

@@ -28,7 +28,8 @@ from realtime_server import FakeRealtime, Session  # noqa: E402
 BPS = 48_000
 
 
-def environment(work: Path, extra: dict[str, str]) -> tuple[dict[str, str], SoxLog]:
+def environment(work: Path, extra: dict[str, str], real_sox: bool = False
+                ) -> tuple[dict[str, str], SoxLog]:
     bin_dir, log_dir = work / "bin", work / "sox"
     bin_dir.mkdir(parents=True)
     log_dir.mkdir()
@@ -36,19 +37,20 @@ def environment(work: Path, extra: dict[str, str]) -> tuple[dict[str, str], SoxL
         f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_sox.py"}" "$@"\n')
     (bin_dir / "sox").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REALTIME_"))}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", FAKE_SOX_DIR=str(log_dir),
+    env.update(PATH=env["PATH"] if real_sox else f"{bin_dir}{os.pathsep}{env['PATH']}",
+               FAKE_SOX_DIR=str(log_dir),
                OPENAI_API_KEY=API_KEY, **extra)
     return env, SoxLog(log_dir)
 
 
 def session_run(plumbing: str, script: Any, seconds: float, extra_env: dict[str, str] | None = None,
-                args: tuple[str, ...] = ()) -> tuple[FakeRealtime, SoxLog, Client, float]:
+                real_sox: bool = False) -> tuple[FakeRealtime, SoxLog, Client, float]:
     """Run the client against `script` for `seconds`; returns the evidence and its CPU seconds."""
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    env, sox_log = environment(work, extra_env or {})
+    env, sox_log = environment(work, extra_env or {}, real_sox)
     server = FakeRealtime(script)
     env["OPENAI_BASE_URL"] = server.url
-    client = Client(work, server, ["--plumbing", plumbing, *args], env)
+    client = Client(work, server, ["--plumbing", plumbing], env)
     client.started = time.monotonic()  # type: ignore[attr-defined]
     time.sleep(seconds)
     cpu = cpu_seconds(client.process.pid)
@@ -93,16 +95,21 @@ def capture(plumbing: str) -> dict[str, str]:
     stream = recorder["raw"]
     writes = recorder["times"]  # (moment, offset, length)
     offset = stream.find(appends[0][1])
-    delays = []
+    delays, ages = [], []
     for arrived, audio in appends:
         last_byte = offset + len(audio) - 1
-        written = next(t for t, o, n in writes if o <= last_byte < o + n)
+        written, write_offset, write_length = next(w for w in writes
+                                                   if w[1] <= last_byte < w[1] + w[2])
         delays.append((arrived - written) * 1000)
+        # The append's first sample was spoken when the recorder's write was that much short.
+        spoken = written - (write_offset + write_length - offset) / BPS
+        ages.append((arrived - spoken) * 1000)
         offset += len(audio)
     sizes = [len(a) * 1000 / BPS for _, a in appends]
     first = (appends[0][0] - client.started) * 1000  # type: ignore[attr-defined]
     return {"append": f"{statistics.median(sizes):.0f} ms (max {max(sizes):.0f})",
             "capture": f"{pct(delays, .5):.1f} / {pct(delays, .95):.1f} ms",
+            "age": f"{pct(ages, .5):.0f} / {pct(ages, .95):.0f} ms",
             "first": f"{first:.0f} ms"}
 
 
@@ -141,7 +148,7 @@ def playback(plumbing: str, speed: float) -> dict[str, str]:
             latency.append((consumed[index] - moment) * 1000)
     got = max(len(stream[start:].rstrip(b"\0")), 0) if start >= 0 else 0
     reply_slices = consumed[start // 480:(start + len(reply)) // 480] if start >= 0 else []
-    gaps = [(b - a) * 1000 - 10 for a, b in zip(reply_slices, reply_slices[1:])]
+    gaps = [(b - a) * 1000 - 10 for a, b in zip(reply_slices, reply_slices[1:], strict=False)]
     return {"heard": f"{min(got, len(reply)) * 100 / len(reply):.1f} %",
             "gap": f"{max(gaps, default=0):.0f} ms",
             "latency": f"{pct(latency, .5):.0f} / {pct(latency, .95):.0f} ms",
@@ -169,6 +176,38 @@ def barge_in(plumbing: str) -> dict[str, str]:
     error = (f"{abs(truncates[0]['audio_end_ms'] - heard_before):.0f} ms" if truncates
              else f"no truncate: model assumes all {len(reply) * 1000 // BPS} ms heard")
     return {"leftover": f"{leftover:.0f} ms", "truncation": error}
+
+
+# --- the real sox on PulseAudio (../shared/pulse-rig.sh) -------------------------------------------
+
+def real_sox(plumbing: str) -> dict[str, str]:
+    """Delta → sound and barge-in leftover, heard on the default sink's monitor."""
+    from real_audio import Monitor, loud_windows, speech, why_no_real_audio
+    if why_no_real_audio():
+        return {}
+    voice = speech("This is a long answer that goes on and on, so that there is plenty of time "
+                   "to interrupt it somewhere in the middle.", Path(tempfile.mkdtemp()) / "v.raw")
+    moments: dict[str, float] = {}
+
+    async def script(session: Session) -> None:
+        await session.handshake()
+        await asyncio.sleep(0.8)
+        moments["delta"] = time.monotonic()
+        await session.reply(voice, "a long answer", speed=10)
+        await asyncio.sleep(1.5)
+        moments["speech"] = time.monotonic()
+        await session.send("input_audio_buffer.speech_started", audio_start_ms=0, item_id="u")
+        await asyncio.sleep(3600)
+
+    monitor = Monitor()
+    try:
+        session_run(plumbing, script, 4.5, real_sox=True)
+    finally:
+        monitor.stop()
+    loud = [t for t in monitor.loud_moments() if t > moments["delta"]]
+    onset = (loud[0] - moments["delta"] - loud_windows(voice)[0] * 0.010) * 1000
+    leftover = (max(loud) - moments["speech"]) * 1000
+    return {"real onset": f"{onset:.0f} ms", "real leftover": f"{max(leftover, 0):.0f} ms"}
 
 
 # --- CPU and memory --------------------------------------------------------------------------------
@@ -215,10 +254,10 @@ def soak(plumbing: str, speed: float = 40.0, minutes: float = 60.0) -> dict[str,
     client.process.send_signal(signal.SIGINT)
     client.finish()
     server.stop()
-    appends = len(server.events("input_audio_buffer.append"))
+    mic_bytes = sum(len(e["audio"]) * 3 // 4 for e in server.events("input_audio_buffer.append"))
     warm = samples[2]  # after start-up (imports, first replies)
     return {"rss": f"{samples[-1] / 1024:.1f} MB, growth {(samples[-1] - warm) / 1024:+.2f} MB",
-            "simulated": f"{appends * 20 / 60000:.0f} min of mic in {seconds:.0f} s"}
+            "simulated": f"{mic_bytes / BPS / 60:.0f} min of mic in {seconds:.0f} s"}
 
 
 def main() -> None:
@@ -231,6 +270,7 @@ def main() -> None:
             for key, value in playback(plumbing, speed).items():
                 r[f"{key} {tag}"] = value
         r.update(barge_in(plumbing))
+        r.update(real_sox(plumbing))
         r.update(full_duplex_cpu(plumbing))
         if not quick:
             r.update(soak(plumbing))
@@ -239,6 +279,7 @@ def main() -> None:
     labels = [
         ("append", "microphone audio per append (p50, max)"),
         ("capture", "capture latency: recorder write → append on the wire (p50 / p95)"),
+        ("age", "age of an append's oldest sample on the wire, sox's holding included (p50 / p95)"),
         ("first", "start → first append on the wire"),
         ("heard 10x", "reply heard, delivered at 10x (3.03 s reply)"),
         ("gap 10x", "longest gap inside the reply, 10x"),
@@ -247,7 +288,9 @@ def main() -> None:
         ("gap 1x", "longest gap inside the reply, 1x"),
         ("latency 1x", "playback added latency, delta received → heard, 1x (p50 / p95)"),
         ("leftover", "barge-in leftover: audio heard after speech_started"),
-        ("truncation", "truncation error: |audio_end_ms − ms actually heard|"),
+        ("truncation", "truncation error: audio_end_ms against the ms actually heard"),
+        ("real onset", "real sox on PulseAudio: first delta received → sound on the sink"),
+        ("real leftover", "real sox on PulseAudio: sound after speech_started"),
         ("cpu", "CPU, full duplex at real time (mic + continuous reply)"),
         ("rss", "peak RSS and growth over a simulated 60-minute session"),
         ("simulated", "soak length"),

@@ -117,9 +117,9 @@ def test_half_duplex_sends_silence_while_the_assistant_is_audible(serve, run_cli
                if e["type"] == "input_audio_buffer.append"]
     assert {len(a) for _, a in appends} == {960}
     silent = [not any(audio) for _, audio in appends]
-    during = [s for (t, _), s in zip(appends, silent) if first + 0.1 < t < last + 0.2]
-    before = [s for (t, _), s in zip(appends, silent) if t < first - 0.2]
-    after = [s for (t, _), s in zip(appends, silent) if t > last + 0.6]
+    during = [s for (t, _), s in zip(appends, silent, strict=True) if first + 0.1 < t < last + 0.2]
+    before = [s for (t, _), s in zip(appends, silent, strict=True) if t < first - 0.2]
+    after = [s for (t, _), s in zip(appends, silent, strict=True) if t > last + 0.6]
     assert during and before and after
     assert not any(before) and not any(after)  # the microphone otherwise
     assert all(during) if duplex == "half" else not any(during)
