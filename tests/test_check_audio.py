@@ -61,7 +61,8 @@ def test_an_unknown_input_device_fails_with_sox_reason(serve, run_client, real_e
 
 
 @needs_real_audio
-@pytest.mark.skipif("pulse-ci" not in os.environ.get("PULSE_SERVER", ""), reason="needs the rig's second sink, ci_keeper")
+@pytest.mark.skipif("pulse-ci" not in os.environ.get("PULSE_SERVER", ""),
+                    reason="needs the rig's second sink, ci_keeper")
 def test_output_device_moves_the_sound_off_the_default_speaker(serve, run_client, real_env_path,
                                                               tmp_path):
     voice = speech("Where does this sound go?", tmp_path / "v.raw")
