@@ -25,6 +25,7 @@ import ipaddress
 import json
 import math
 import os
+import random
 import selectors
 import shutil
 import signal
@@ -75,18 +76,32 @@ PRICES: dict[str, tuple[float, float, float, float, float, float, float]] = {
 }
 
 
+# Keeping a conversation alive (see Conversation.tick).
+HANDSHAKE_TIMEOUT = 10  # s; a handshake blocks the loop, so it only runs when nothing is playing
+RECONNECT_TRIES = 6  # with jittered backoff 0.5, 1, 2, 4, 8, 8 s: about 20 s in all
+ROLLOVER_MARGIN = 60  # s before the 60-minute limit: start a new session at the next pause
+REPLAY_TURNS, REPLAY_CHARS = 40, 16_000  # how much of the conversation a new session is told
+
+
 class Exit:
     """Exit codes, one per kind of failure (listed in the README)."""
     OK, USAGE, NO_KEY, NO_SOX, AUDIO, AUTH, NOT_FOUND, RATE_LIMIT, NETWORK, TLS, CLOSED = (
         0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
 
 
+# Errors no retry can fix, and the exit code each one gets.
+FATAL_ERRORS = {"invalid_api_key": 6, "account_deactivated": 6, "insufficient_quota": 8,
+                "billing_hard_limit_reached": 8, "beta_api_shape_disabled": 11,
+                "model_not_found": 7}
+
+
 class Fatal(Exception):
     """A failure the person can act on: one line of text and an exit code, never a traceback."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, retry: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.retry = retry  # worth trying again later (a network fault, not a refusal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +137,7 @@ class Config:
     vad_threshold: float | None
     noise_reduction: str
     duplex: str
+    keepalive: float
     plumbing: Plumbing
 
 
@@ -160,6 +176,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--duplex", choices=["full", "half"], default=env("REALTIME_DUPLEX", "full"),
         help="'half' mutes the microphone while the assistant speaks, so laptop speakers cannot "
              "make it answer itself [env REALTIME_DUPLEX; default %(default)s]")
+    add("--keepalive", type=float, default=float(env("REALTIME_KEEPALIVE", "15")),
+        help="ping the API after this many silent seconds, and reconnect when it does not answer "
+             "within as many more [env REALTIME_KEEPALIVE; default %(default)s]")
     add("--input-device", default=env("REALTIME_INPUT_DEVICE", ""),
         help="microphone to use instead of the default: a PulseAudio source name on Linux "
              "(pactl list short sources), a CoreAudio device name on macOS "
@@ -237,7 +256,8 @@ def load_config(args: argparse.Namespace, env_file: Path) -> Config:
         api_key=api_key(env_file), url=url, model=args.model, voice=args.voice,
         instructions=args.instructions, transcription_model=args.transcription_model,
         turn_detection=args.turn_detection, vad_threshold=args.vad_threshold,
-        noise_reduction=args.noise_reduction, duplex=args.duplex, plumbing=plumbing_for(args))
+        noise_reduction=args.noise_reduction, duplex=args.duplex, keepalive=args.keepalive,
+        plumbing=plumbing_for(args))
 
 
 def session_config(config: Config) -> dict[str, Any]:
@@ -524,6 +544,9 @@ class Connection:
         self.fragments: list[bytes] = []
         self.close_code: int | None = None
         self.close_reason = ""
+        self.dropped: str | None = None  # why the connection is gone, once it is
+        self.last_heard = time.monotonic()
+        self.ping_sent: float | None = None
 
     def send(self, event: dict[str, Any]) -> None:
         self._queue_frame(json.dumps(event), websocket.ABNF.OPCODE_TEXT)
@@ -533,12 +556,19 @@ class Connection:
         self.flush()
 
     def flush(self) -> None:
-        while self.outbox:
+        while self.outbox and not self.dropped:
             try:
                 sent = self.sock.send(self.outbox)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 return
+            except OSError as error:
+                self.dropped = f"the connection broke ({error})"
+                return
             del self.outbox[:sent]
+
+    def ping(self) -> None:
+        self.ping_sent = time.monotonic()
+        self._queue_frame(b"keepalive", websocket.ABNF.OPCODE_PING)
 
     def receive(self) -> list[tuple[int, bytes]]:
         """All complete messages that have arrived, as (opcode, payload). Reads until the socket
@@ -550,13 +580,13 @@ class Connection:
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 break
             except OSError as error:
-                raise Fatal(f"the connection to the API broke: {error}", Exit.CLOSED) from None
+                self.dropped = self.dropped or f"the connection broke ({error})"
+                break
             if not chunk:
-                if self.close_code is None:
-                    raise Fatal("the API closed the connection without a close frame "
-                                "(network drop or server restart); run again", Exit.CLOSED)
+                self.dropped = self.dropped or "the connection dropped without a close frame"
                 break
             self.inbox += chunk
+            self.last_heard, self.ping_sent = time.monotonic(), None
         return self._messages()
 
     def _messages(self) -> list[tuple[int, bytes]]:
@@ -605,19 +635,20 @@ class Connection:
     def _on_close(self, payload: bytes) -> None:
         self.close_code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
         self.close_reason = payload[2:].decode(errors="replace")
+        self.dropped = f"the API closed the session ({self.close_code}, " \
+                       f"{self.close_reason or 'no reason given'})"
         self._queue_frame(payload[:2], websocket.ABNF.OPCODE_CLOSE)
 
-    def close(self) -> None:
-        """Say goodbye with 1000 and wait briefly for the server's reply; the loop is over."""
+    def close(self, wait: bool = True) -> None:
+        """Say goodbye with 1000 (and wait up to 0.5 s for the reply); a dead one just closes."""
         try:
-            self.sock.setblocking(True)
-            self.sock.settimeout(0.5)
-            if self.close_code is None:
-                self.outbox += websocket.ABNF.create_frame(
-                    struct.pack("!H", 1000), websocket.ABNF.OPCODE_CLOSE).format()
-            self.sock.sendall(self.outbox)
-            if self.close_code is None:
-                self.sock.recv(4096)
+            if self.dropped is None:
+                self._queue_frame(struct.pack("!H", 1000), websocket.ABNF.OPCODE_CLOSE)
+                if wait:
+                    self.sock.settimeout(0.5)
+                    self.sock.sendall(self.outbox)
+                    self.sock.recv(4096)
+            self.flush()
         except (OSError, ValueError):
             pass
         finally:
@@ -630,18 +661,18 @@ def handshake(url: str, api_key: str) -> socket.socket:
     host = urllib.parse.urlsplit(url).hostname
     try:
         ws = websocket.create_connection(url, header=[f"Authorization: Bearer {api_key}"],
-                                         timeout=15, enable_multithread=False)
+                                         timeout=HANDSHAKE_TIMEOUT, enable_multithread=False)
     except websocket.WebSocketBadStatusException as error:
         raise refused(error.status_code, error.resp_body) from None
     except socket.gaierror:
         raise Fatal(f"cannot resolve {host}: check your network or OPENAI_BASE_URL",
-                    Exit.NETWORK) from None
+                    Exit.NETWORK, retry=True) from None
     except ssl.SSLError as error:
         raise Fatal(f"TLS with {host} failed ({error.reason or error}); on macOS with python.org's "
                     "Python, run 'Install Certificates.command'", Exit.TLS) from None
     except (OSError, websocket.WebSocketException) as error:
         raise Fatal(f"cannot connect to {host}: {error or type(error).__name__}; check your "
-                    "network or OPENAI_BASE_URL", Exit.NETWORK) from None
+                    "network or OPENAI_BASE_URL", Exit.NETWORK, retry=True) from None
     assert ws.sock is not None
     return ws.sock
 
@@ -649,15 +680,18 @@ def handshake(url: str, api_key: str) -> socket.socket:
 def refused(status: int, body: bytes | str | None) -> Fatal:
     text = body.decode(errors="replace") if isinstance(body, bytes) else body or ""
     try:
-        message = json.loads(text)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = text.strip()[:200] or "no details"
+        error = json.loads(text)["error"]
+        message, code = error["message"], error.get("code")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message, code = text.strip()[:200] or "no details", None
     hints = {401: ("check OPENAI_API_KEY", Exit.AUTH),
              403: ("your key or project has no access to the Realtime API", Exit.AUTH),
              404: ("check --model and OPENAI_BASE_URL", Exit.NOT_FOUND),
              429: ("rate limit or quota reached; wait, or check your billing", Exit.RATE_LIMIT)}
-    hint, code = hints.get(status, ("try again later", Exit.CLOSED))
-    return Fatal(f"the API refused the connection (HTTP {status}): {message} — {hint}", code)
+    hint, exit_code = hints.get(status, ("try again later", Exit.CLOSED))
+    retry = (status == 429 and code not in FATAL_ERRORS) or status >= 500
+    return Fatal(f"the API refused the connection (HTTP {status}): {message} — {hint}", exit_code,
+                 retry)
 
 
 # --- Output ---------------------------------------------------------------------------------------
@@ -701,7 +735,7 @@ class Display:
         self.open_line: str | None = None  # item id whose words are being streamed
         self.warned: set[str] = set()
 
-    def _end_line(self) -> None:
+    def end_line(self) -> None:
         if self.open_line is not None:
             self.out.print()
             self.open_line = None
@@ -710,7 +744,7 @@ class Display:
         return text.replace(self.secret, "sk-…") if self.secret else text
 
     def info(self, text: str) -> None:
-        self._end_line()
+        self.end_line()
         self.out.print(Text(self.clean(text), style="dim"))
 
     def warn(self, text: str, once: str | None = None) -> None:
@@ -718,34 +752,34 @@ class Display:
             return
         if once:
             self.warned.add(once)
-        self._end_line()
+        self.end_line()
         self.err.print(Text("warning: " + self.clean(text), style="yellow"))
 
     def fatal(self, text: str) -> None:
-        self._end_line()
+        self.end_line()
         self.err.print(Text("error: " + self.clean(text), style="bold red"))
 
     def user(self, text: str) -> None:
-        self._end_line()
+        self.end_line()
         self.out.print(Text.assemble(("you: ", "bold cyan"), text.strip()))
 
     def assistant_delta(self, item_id: str, delta: str) -> None:
         if not self.streaming:
             return
         if self.open_line != item_id:
-            self._end_line()
+            self.end_line()
             self.out.print(Text("assistant: ", style="bold green"), end="")
             self.open_line = item_id
         self.out.print(Text(delta), end="")
 
     def assistant_done(self, item_id: str, transcript: str) -> None:
-        self._end_line()
+        self.end_line()
         if self.open_line != item_id and not self.streaming and transcript:
             self.out.print(Text.assemble(("assistant: ", "bold green"), transcript))
 
     def interrupted(self, transcript: str, heard: float) -> None:
         """Show which words were heard; the rest, never heard, is struck through."""
-        self._end_line()
+        self.end_line()
         cut = round(len(transcript) * heard)
         self.out.print(Text.assemble(("  interrupted, heard: ", "yellow"), transcript[:cut],
                                      (transcript[cut:], "dim strike")))
@@ -768,15 +802,28 @@ def money(cost: float | None) -> str:
 
 # --- The conversation: one handler per server event ----------------------------------------------
 
+@dataclasses.dataclass
+class Turn:
+    """One turn as text, in conversation order: what a new session is told."""
+    role: str  # "user" or "assistant"
+    item_id: str
+    text: str = ""
+
+
 class Conversation:
     """State of the talk and the handlers for the server's events (see HANDLERS below)."""
 
     HALF_DUPLEX_TAIL = 0.3  # s of room echo after the speaker stops
 
-    def __init__(self, config: Config, connection: Connection, recorder: Sox, player: Player,
-                 display: Display) -> None:
+    def __init__(self, config: Config, recorder: Sox, player: Player, display: Display) -> None:
         self.config = config
-        self.connection = connection
+        self.connection: Connection | None = None
+        self.sessions = 0  # how many sessions were configured; the first one greets
+        self.history: list[Turn] = []
+        self.expires_at: float | None = None  # monotonic deadline of the 60-minute limit
+        self.reconnect_at: float | None = None
+        self.tries = 0
+        self.rolling_over = False
         self.recorder = recorder
         self.player = player
         self.display = display
@@ -784,9 +831,116 @@ class Conversation:
         self.mic = bytearray()
         self.mic_ms_uncommitted = 0.0
         self.response_active = False
+        self.user_speaking = False
         self.interrupted: set[str] = set()  # items whose late audio and words we drop
         self.transcripts: dict[str, str] = {}  # assistant words so far, per item
         self.total = Usage()
+
+    # The connection's life
+    def connect(self) -> None:
+        """Open a session. Blocking, so it runs at start or while nothing plays."""
+        self.connection = Connection(self.config.url, self.config.api_key)
+        self.ready = False
+        self.mic.clear()
+
+    def send(self, event: dict[str, Any]) -> None:
+        if self.connection is not None and not self.connection.dropped:
+            self.connection.send(event)
+
+    def on_dropped(self, now: float) -> None:
+        """The connection is gone: roll over at once, or retry with backoff."""
+        assert self.connection is not None
+        reason = self.connection.dropped or ""
+        expired = self.rolling_over or self.connection.close_code == 1001
+        for turn in self.history[-5:]:  # a reply cut off mid-way still plays to its end
+            if turn.role == "assistant" and not turn.text:
+                turn.text = self.transcripts.get(turn.item_id, "").strip()
+        self.display.end_line()
+        self.connection.close(wait=False)
+        self.connection, self.ready, self.response_active = None, False, False
+        if expired:
+            self.rolling_over = False
+            self.reconnect_at = now
+            self.display.info("starting a new session (the 60-minute limit); the model keeps "
+                              "the conversation")
+        else:
+            self.retry_later(reason, now)
+
+    def retry_later(self, reason: str, now: float) -> None:
+        self.tries += 1
+        if self.tries > RECONNECT_TRIES:
+            raise Fatal(f"{reason}; gave up after {RECONNECT_TRIES} tries to reconnect",
+                        Exit.CLOSED)
+        delay = min(0.5 * 2 ** (self.tries - 1), 8.0) * random.uniform(0.5, 1.0)
+        self.reconnect_at = now + delay
+        self.display.warn(f"{reason}; reconnecting in {delay:.1f} s (try {self.tries} of "
+                          f"{RECONNECT_TRIES}); the microphone is paused")
+
+    def tick(self, now: float) -> None:
+        """Timers: reconnecting, keepalive pings, and the rollover before the 60-minute limit."""
+        if self.connection is None:
+            if self.reconnect_at is not None and now >= self.reconnect_at \
+                    and not self.player.busy(now):  # let received audio finish first
+                self.reconnect_at = None
+                try:
+                    self.connect()
+                except Fatal as failure:
+                    if not failure.retry:
+                        raise
+                    self.retry_later(str(failure), now)
+            return
+        connection = self.connection
+        if connection.ping_sent is not None:
+            if now - connection.ping_sent > self.config.keepalive:
+                connection.dropped = f"the API did not answer for {self.config.keepalive:.0f} s"
+        elif now - connection.last_heard > self.config.keepalive:
+            connection.ping()
+        if self.expires_at is not None and self.ready and (
+                now > self.expires_at - 5 or (now > self.expires_at - ROLLOVER_MARGIN
+                                              and self.at_turn_boundary(now))):
+            self.rolling_over = True
+            connection.close(wait=False)  # politely, with 1000
+            connection.dropped = "the session is about to expire"
+
+    def next_timer(self, now: float) -> float | None:
+        """When tick() has something to do next."""
+        if self.connection is None:
+            if self.reconnect_at is None:
+                return None
+            return max(self.reconnect_at, self.player.audible_until())
+        heard = self.connection.ping_sent or self.connection.last_heard
+        timers = [heard + self.config.keepalive]
+        if self.expires_at is not None:
+            rollover = self.expires_at - ROLLOVER_MARGIN
+            timers.append(rollover if now < rollover else now + 0.25)
+        return min(timers)
+
+    def at_turn_boundary(self, now: float) -> bool:
+        return not (self.response_active or self.user_speaking or self.player.busy(now))
+
+    def replay(self) -> int:
+        """Tell a new session the conversation so far, as text (a session starts empty)."""
+        turns = [turn for turn in self.history if turn.text][-REPLAY_TURNS:]
+        while sum(len(turn.text) for turn in turns) > REPLAY_CHARS:
+            turns.pop(0)
+        for turn in turns:
+            kind = "input_text" if turn.role == "user" else "output_text"
+            self.send({"type": "conversation.item.create", "item": {
+                "type": "message", "role": turn.role,
+                "content": [{"type": kind, "text": turn.text}]}})
+        return len(turns)
+
+    def remember(self, role: str, item_id: str, text: str = "") -> Turn:
+        """The turn for this item, added at the end of the history if new."""
+        for turn in reversed(self.history[-50:]):
+            if turn.item_id == item_id and turn.role == role:
+                break
+        else:
+            turn = Turn(role, item_id)
+            self.history.append(turn)
+            del self.history[:-REPLAY_TURNS * 5]  # memory stays flat in long sessions
+        turn.text = text.strip() or turn.text
+        return turn
 
     def handle(self, message: dict[str, Any]) -> None:
         handler = HANDLERS.get(message["type"])
@@ -798,12 +952,20 @@ class Conversation:
 
     # Session
     def on_session_created(self, event: dict[str, Any]) -> None:
-        self.connection.send({"type": "session.update", "session": session_config(self.config)})
+        expires_at = (event.get("session") or {}).get("expires_at")
+        if isinstance(expires_at, (int, float)) and expires_at > 0:
+            self.expires_at = time.monotonic() + expires_at - time.time()
+        self.send({"type": "session.update", "session": session_config(self.config)})
 
     def on_session_updated(self, event: dict[str, Any]) -> None:
         if self.ready:
             return
-        self.ready = True
+        self.ready, self.tries = True, 0
+        self.sessions += 1
+        if self.sessions > 1:
+            self.display.info(f"connected again; the model was told the last {self.replay()} "
+                              "turns")
+            return
         how = ("press Enter to end your turn" if self.config.turn_detection == "none"
                else "type a line to send text, Enter alone to interrupt")
         self.display.info(f"connected: {self.config.model}, voice {self.config.voice}, "
@@ -811,14 +973,28 @@ class Conversation:
 
     def on_error(self, event: dict[str, Any]) -> None:
         error = event.get("error") or {}
-        self.display.warn(f"the API reported {error.get('code') or error.get('type')}: "
-                          f"{error.get('message')}")
+        code = error.get("code")
+        if code in FATAL_ERRORS:
+            raise Fatal(f"the API ended the session: {error.get('message')} ({code})",
+                        FATAL_ERRORS[code])
+        if code == "session_expired":
+            self.rolling_over = True  # the server closes next; a new session follows at once
+            return
+        self.display.warn(f"the API reported {code or error.get('type')}: {error.get('message')}")
 
     # The person
     def on_speech_started(self, event: dict[str, Any]) -> None:
+        self.user_speaking = True
         self.interrupt(cancel=False)  # the server cancels its response itself on a VAD turn
 
+    def on_speech_stopped(self, event: dict[str, Any]) -> None:
+        self.user_speaking = False
+
+    def on_committed(self, event: dict[str, Any]) -> None:
+        self.remember("user", event.get("item_id", ""))  # its words arrive later
+
     def on_user_transcript(self, event: dict[str, Any]) -> None:
+        self.remember("user", event.get("item_id", ""), event.get("transcript", "").strip())
         self.display.user(event.get("transcript", ""))
 
     def on_user_transcript_failed(self, event: dict[str, Any]) -> None:
@@ -828,6 +1004,11 @@ class Conversation:
     # The assistant
     def on_response_created(self, event: dict[str, Any]) -> None:
         self.response_active = True
+
+    def on_output_item(self, event: dict[str, Any]) -> None:
+        item = event.get("item") or {}
+        if item.get("type") == "message":
+            self.remember("assistant", item.get("id", ""))
 
     def on_audio_delta(self, event: dict[str, Any]) -> None:
         if event.get("item_id") in self.interrupted:
@@ -854,6 +1035,7 @@ class Conversation:
         item_id = event.get("item_id", "")
         if item_id not in self.interrupted:
             self.transcripts[item_id] = event.get("transcript", "")
+            self.remember("assistant", item_id, self.transcripts[item_id])
             self.display.assistant_done(item_id, self.transcripts[item_id])
 
     def on_response_done(self, event: dict[str, Any]) -> None:
@@ -879,26 +1061,28 @@ class Conversation:
         now = time.monotonic()
         if not self.config.plumbing.barge_in or not self.player.busy(now):
             if cancel and self.response_active:
-                self.connection.send({"type": "response.cancel"})
+                self.send({"type": "response.cancel"})
             return
         for item in self.player.items.values():
             heard_ms = self.player.heard_ms(item, now)
             received_ms = item.received * 1000 // BYTES_PER_SECOND
             if item.complete and heard_ms >= received_ms:
                 continue  # heard to the end: nothing to take back
-            self.connection.send({"type": "conversation.item.truncate", "item_id": item.item_id,
+            self.send({"type": "conversation.item.truncate", "item_id": item.item_id,
                                   "content_index": 0, "audio_end_ms": min(heard_ms, received_ms)})
             self.interrupted.add(item.item_id)
-            self.display.interrupted(self.transcripts.get(item.item_id, ""),
-                                     heard_ms / max(received_ms, 1))
+            words = self.transcripts.get(item.item_id, "")
+            heard = words[:round(len(words) * heard_ms / max(received_ms, 1))]
+            self.remember("assistant", item.item_id, heard or " ").text = heard
+            self.display.interrupted(words, heard_ms / max(received_ms, 1))
         self.player.stop()
         if cancel and self.response_active:
-            self.connection.send({"type": "response.cancel"})
+            self.send({"type": "response.cancel"})
 
     def on_microphone(self, audio: bytes) -> None:
         """Recorder bytes → 20 ms appends (sox delivers 4096-byte pieces on Linux)."""
         if not self.ready:
-            return  # the session is not configured yet; what was said before it is dropped
+            return  # no session configured (yet, or while reconnecting): the audio is dropped
         now = time.monotonic()
         if self.config.duplex == "half" and (
                 self.player.busy(now) or now < self.player.audible_until() + self.HALF_DUPLEX_TAIL):
@@ -907,7 +1091,7 @@ class Conversation:
         size = self.config.plumbing.frame_bytes or len(self.mic)
         while len(self.mic) >= size and self.mic:
             frame, self.mic[:size] = bytes(self.mic[:size]), b""
-            self.connection.send({"type": "input_audio_buffer.append",
+            self.send({"type": "input_audio_buffer.append",
                                   "audio": base64.b64encode(frame).decode()})
             self.mic_ms_uncommitted += len(frame) * 1000 / BYTES_PER_SECOND
 
@@ -916,26 +1100,27 @@ class Conversation:
             self.display.warn("not connected yet; type again in a moment")
             return
         if line.strip():
+            self.remember("user", f"typed-{len(self.history)}", line.strip())
             self.interrupt(cancel=True)
-            self.connection.send({"type": "conversation.item.create", "item": {
+            self.send({"type": "conversation.item.create", "item": {
                 "type": "message", "role": "user",
                 "content": [{"type": "input_text", "text": line.strip()}]}})
-            self.connection.send({"type": "response.create"})
+            self.send({"type": "response.create"})
             self.display.user(line)
         elif self.config.turn_detection == "none" and not self.player.busy(time.monotonic()):
             self.end_manual_turn()
         else:
             self.interrupt(cancel=True)
             if self.config.turn_detection == "none":
-                self.connection.send({"type": "input_audio_buffer.clear"})
+                self.send({"type": "input_audio_buffer.clear"})
                 self.mic_ms_uncommitted = 0
 
     def end_manual_turn(self) -> None:
         if self.mic_ms_uncommitted < 100:  # the API rejects commits of less than 100 ms
             self.display.warn("nothing recorded yet: speak, then press Enter")
             return
-        self.connection.send({"type": "input_audio_buffer.commit"})
-        self.connection.send({"type": "response.create"})
+        self.send({"type": "input_audio_buffer.commit"})
+        self.send({"type": "response.create"})
         self.mic_ms_uncommitted = 0
 
 
@@ -945,9 +1130,12 @@ HANDLERS: dict[str, Handler] = {
     "session.updated": Conversation.on_session_updated,
     "error": Conversation.on_error,
     "input_audio_buffer.speech_started": Conversation.on_speech_started,
+    "input_audio_buffer.speech_stopped": Conversation.on_speech_stopped,
+    "input_audio_buffer.committed": Conversation.on_committed,
     "conversation.item.input_audio_transcription.completed": Conversation.on_user_transcript,
     "conversation.item.input_audio_transcription.failed": Conversation.on_user_transcript_failed,
     "response.created": Conversation.on_response_created,
+    "response.output_item.added": Conversation.on_output_item,
     "response.output_audio.delta": Conversation.on_audio_delta,
     "response.output_audio.done": Conversation.on_audio_done,
     "response.output_audio_transcript.delta": Conversation.on_transcript_delta,
@@ -956,12 +1144,12 @@ HANDLERS: dict[str, Handler] = {
 }
 # Events that need nothing from a terminal client (still valid, so not reported as unknown).
 QUIET_EVENTS = {
-    "input_audio_buffer.speech_stopped", "input_audio_buffer.committed", "input_audio_buffer.cleared",
+    "input_audio_buffer.cleared",
     "input_audio_buffer.timeout_triggered", "conversation.created", "conversation.item.added",
     "conversation.item.created", "conversation.item.done", "conversation.item.truncated",
     "conversation.item.deleted", "conversation.item.retrieved",
     "conversation.item.input_audio_transcription.delta",
-    "conversation.item.input_audio_transcription.segment", "response.output_item.added",
+    "conversation.item.input_audio_transcription.segment",
     "response.output_item.done", "response.content_part.added", "response.content_part.done",
     "response.output_text.delta", "response.output_text.done",
     "response.function_call_arguments.delta", "response.function_call_arguments.done",
@@ -996,10 +1184,9 @@ class Stop(Exception):
 def run(config: Config, display: Display) -> None:
     recorder = start_recorder(config.plumbing)
     player = Player(config.plumbing)
-    connection = None
+    conversation = Conversation(config, recorder, player, display)
     try:
-        connection = Connection(config.url, config.api_key)
-        conversation = Conversation(config, connection, recorder, player, display)
+        conversation.connect()
         try:
             loop(conversation)
         finally:
@@ -1007,13 +1194,13 @@ def run(config: Config, display: Display) -> None:
     finally:
         recorder.kill(signal.SIGTERM)
         player.sox.kill(signal.SIGKILL)
-        if connection is not None:
-            connection.close()
+        if conversation.connection is not None:
+            conversation.connection.close()
 
 
 def loop(conversation: Conversation) -> None:
     """One selectors loop: the WebSocket, the recorder, the player, stdin and signals."""
-    connection, display = conversation.connection, conversation.display
+    display = conversation.display
     selector = selectors.DefaultSelector()
     wakeup_r, wakeup_w = socket.socketpair()
     wakeup_r.setblocking(False)
@@ -1023,7 +1210,6 @@ def loop(conversation: Conversation) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: None)
     selector.register(wakeup_r, selectors.EVENT_READ, "signal")
-    selector.register(connection.sock, selectors.EVENT_READ, "socket")
     conversation.recorder.watch(selector)
     conversation.player.sox.watch(selector)
     stdin_lines = bytearray()
@@ -1031,25 +1217,33 @@ def loop(conversation: Conversation) -> None:
         selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
     except (ValueError, OSError):  # a regular file or /dev/null cannot be watched: no typing
         pass
+    watched: socket.socket | None = None  # the connection's socket, which changes on reconnect
     try:
         while True:
+            connection = conversation.connection
+            if watched is not None and (connection is None or connection.sock is not watched):
+                selector.unregister(watched)
+                watched = None
+            if connection is not None and watched is None:
+                watched = connection.sock
+                selector.register(watched, selectors.EVENT_READ, "socket")
+            if connection is not None:
+                selector.modify(connection.sock, selectors.EVENT_READ
+                                | (selectors.EVENT_WRITE if connection.outbox else 0), "socket")
             now = time.monotonic()
-            wakeup = conversation.player.next_wakeup(now)
-            events = selector.select(None if wakeup is None else max(wakeup - now, 0))
+            timers = [t for t in (conversation.player.next_wakeup(now),
+                                  conversation.next_timer(now)) if t is not None]
+            events = selector.select(max(min(timers) - now, 0) if timers else None)
             for key, _ in events:
                 what = key.data
                 if what == "signal":
                     if wakeup_r.recv(64):
                         raise Stop
-                elif what == "socket":
+                elif what == "socket" and connection is not None:
                     for opcode, payload in connection.receive():
                         event = decode_event(opcode, payload, display)
                         if event is not None:
                             conversation.handle(event)
-                    if connection.close_code is not None:
-                        reason = connection.close_reason or "no reason given"
-                        raise Fatal(f"the API closed the session ({connection.close_code}, "
-                                    f"{reason}); run again to start a new one", Exit.CLOSED)
                 elif what == "mic":
                     audio = read_available(key.fd)
                     if audio == b"":
@@ -1068,10 +1262,13 @@ def loop(conversation: Conversation) -> None:
                 elif isinstance(what, Sox):  # stderr: a FAIL line, or EOF as sox exits
                     if not what.read_stderr() or any("FAIL" in x for x in what.stderr_lines):
                         raise Fatal(what.failure(), Exit.AUDIO)
-            conversation.player.pump(time.monotonic())
-            connection.flush()
-            selector.modify(connection.sock, selectors.EVENT_READ
-                            | (selectors.EVENT_WRITE if connection.outbox else 0), "socket")
+            now = time.monotonic()
+            conversation.tick(now)
+            if conversation.connection is not None:
+                conversation.connection.flush()
+                if conversation.connection.dropped:
+                    conversation.on_dropped(now)
+            conversation.player.pump(now)
     finally:
         signal.set_wakeup_fd(-1)
         selector.close()

@@ -64,6 +64,9 @@ class Session:
         self.server = server
         self.ws = ws
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        server.sessions_received.append([])
+        self.number = len(server.sessions_received)  # 1 for the first connection, 2 for the next
+        self.received = server.sessions_received[-1]
 
     async def send(self, type: str, **fields: Any) -> None:
         await self.ws.send(json.dumps({"type": type, "event_id": f"event_{next(_ids)}", **fields}))
@@ -138,6 +141,7 @@ class FakeRealtime:
         self.problems: list[str] = []
         self.request_headers: list[dict[str, str]] = []
         self.closed_with: list[int | None] = []
+        self.sessions_received: list[list[dict[str, Any]]] = []
         self.sessions_done = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -194,6 +198,7 @@ class FakeRealtime:
             async for message in session.ws:
                 event = json.loads(message)
                 self.received.append((time.monotonic(), event))
+                session.received.append(event)
                 self.problems += problems_with(event)
                 await session.inbox.put(event)
         finally:

@@ -111,13 +111,37 @@ def test_tls_failure(run_client):
     listener.close()
 
 
-def test_server_closes_the_session(serve, run_client):
+def test_refusals_that_no_retry_can_fix_end_at_once(serve, run_client):
     async def script(session):
         await session.handshake()
-        await session.ws.close(1011, "internal server error")
+        await session.send("error", error={
+            "type": "invalid_request_error", "code": "beta_api_shape_disabled",
+            "message": "The Realtime Beta API is no longer supported."})
+        await session.ws.close(4000, "beta_api_shape_disabled")
 
-    client = run_client(serve(script))
-    assert_one_clean_line(client, 11, "the API closed the session (1011, internal server error)")
+    server = serve(script)
+    client = run_client(server)
+    assert_one_clean_line(client, 11, "the API ended the session: The Realtime Beta API is no "
+                                      "longer supported. (beta_api_shape_disabled)")
+    assert len(server.request_headers) == 1  # no retry
+
+
+def test_gives_up_after_six_tries_to_reconnect(serve, run_client):
+    async def script(session):
+        if len(session.server.request_headers) == 1:
+            await session.handshake()
+            await session.ws.close(1011, "internal server error")
+
+    server = serve(script)
+    client = run_client(server)
+    client.wait_for("reconnecting in")
+    server.refuse = (503, '{"error": {"message": "The server is overloaded."}}')
+    assert client.finish(40) == 11
+    assert ("the API closed the session (1011, internal server error); reconnecting in"
+            in client.stderr)
+    assert "gave up after 6 tries to reconnect" in client.stderr
+    assert len(server.request_headers) == 7
+    assert "Traceback" not in client.stderr
 
 
 def test_plain_ws_only_to_loopback(run_client):
