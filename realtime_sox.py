@@ -66,7 +66,9 @@ DEFAULT_INSTRUCTIONS = ("You are a friendly voice assistant in a terminal. Keep 
 VOICES = ["alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"]
 
 # USD per million tokens: audio in, audio cached, audio out, text in, text cached, text out, image in.
-PRICES: dict[str, tuple[float, float, float, float, float, float, float]] = {
+# REALTIME_PRICES="a,b,c,d,e,f[,g]" gives the same for a model this table does not know.
+Prices = tuple[float, float, float, float, float, float, float]
+PRICES: dict[str, Prices] = {
     "gpt-realtime-2.1": (32.00, 0.40, 64.00, 4.00, 0.40, 24.00, 5.00),
     "gpt-realtime-2.1-mini": (10.00, 0.30, 20.00, 0.60, 0.06, 2.40, 0.80),
     "gpt-realtime-2": (32.00, 0.40, 64.00, 4.00, 0.40, 24.00, 5.00),
@@ -138,6 +140,9 @@ class Config:
     noise_reduction: str
     duplex: str
     keepalive: float
+    prices: Prices | None
+    max_cost: float | None
+    log: TranscriptLog
     plumbing: Plumbing
 
 
@@ -176,6 +181,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--duplex", choices=["full", "half"], default=env("REALTIME_DUPLEX", "full"),
         help="'half' mutes the microphone while the assistant speaks, so laptop speakers cannot "
              "make it answer itself [env REALTIME_DUPLEX; default %(default)s]")
+    add("--max-cost", type=float, default=env("REALTIME_MAX_COST", "") or None, metavar="USD",
+        help="warn at 80%% of this spend and end the session at 100%% [env REALTIME_MAX_COST]")
+    add("--log", default=env("REALTIME_LOG", ""), metavar="PATH",
+        help="append every turn (time, speaker, words, usage, cost) to this JSON Lines file "
+             "[env REALTIME_LOG]")
     add("--keepalive", type=float, default=float(env("REALTIME_KEEPALIVE", "15")),
         help="ping the API after this many silent seconds, and reconnect when it does not answer "
              "within as many more [env REALTIME_KEEPALIVE; default %(default)s]")
@@ -252,12 +262,56 @@ def plumbing_for(args: argparse.Namespace) -> Plumbing:
 
 def load_config(args: argparse.Namespace, env_file: Path) -> Config:
     url = realtime_url(args.base_url, args.model)
+    prices = prices_for(args.model)
+    if args.max_cost is not None and prices is None:
+        raise Fatal(f"--max-cost needs the prices of {args.model}, which this script does not "
+                    "know: set REALTIME_PRICES (see the README)", Exit.USAGE)
     return Config(
         api_key=api_key(env_file), url=url, model=args.model, voice=args.voice,
         instructions=args.instructions, transcription_model=args.transcription_model,
         turn_detection=args.turn_detection, vad_threshold=args.vad_threshold,
         noise_reduction=args.noise_reduction, duplex=args.duplex, keepalive=args.keepalive,
+        prices=prices, max_cost=args.max_cost, log=TranscriptLog(args.log),
         plumbing=plumbing_for(args))
+
+
+def prices_for(model: str) -> Prices | None:
+    override = os.environ.get("REALTIME_PRICES", "").strip()
+    if not override:
+        return PRICES.get(model)
+    try:
+        values = [float(value) for value in override.split(",")]
+        if len(values) not in (6, 7):
+            raise ValueError
+    except ValueError:
+        raise Fatal("REALTIME_PRICES must be 6 or 7 numbers, USD per million tokens: audio in, "
+                    "audio cached, audio out, text in, text cached, text out[, image in]",
+                    Exit.USAGE) from None
+    audio_in, audio_cached, audio_out, text_in, text_cached, text_out = values[:6]
+    image_in = values[6] if len(values) == 7 else 0.0
+    return audio_in, audio_cached, audio_out, text_in, text_cached, text_out, image_in
+
+
+class TranscriptLog:
+    """--log: one JSON object per line, flushed per turn, so a crash loses at most the turn in
+    progress. Checked at start: a directory or an unwritable path is refused."""
+
+    def __init__(self, path: str) -> None:
+        self.file = None
+        if not path:
+            return
+        if os.path.isdir(path):
+            raise Fatal(f"--log {path} is a directory: give a file name", Exit.USAGE)
+        try:
+            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the session
+        except OSError as error:
+            raise Fatal(f"cannot write --log {path}: {error.strerror}", Exit.USAGE) from None
+
+    def write(self, **record: Any) -> None:
+        if self.file is not None:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.file.write(json.dumps({"time": stamp, **record}, ensure_ascii=False) + "\n")
+            self.file.flush()
 
 
 def session_config(config: Config) -> dict[str, Any]:
@@ -704,9 +758,8 @@ class Usage:
     cost: float | None = 0.0
 
 
-def response_cost(model: str, usage: dict[str, Any]) -> float | None:
+def response_cost(prices: Prices | None, usage: dict[str, Any]) -> float | None:
     """USD for one response. Audio and cached tokens are subsets of the input/output totals."""
-    prices = PRICES.get(model)
     if prices is None:
         return None
     audio_in, audio_cached, audio_out, text_in, text_cached, text_out, image_in = prices
@@ -824,6 +877,8 @@ class Conversation:
         self.reconnect_at: float | None = None
         self.tries = 0
         self.rolling_over = False
+        self.ending: str | None = None  # why we stop once the received audio has played
+        self.warned_cost = False
         self.recorder = recorder
         self.player = player
         self.display = display
@@ -878,6 +933,8 @@ class Conversation:
 
     def tick(self, now: float) -> None:
         """Timers: reconnecting, keepalive pings, and the rollover before the 60-minute limit."""
+        if self.ending and not self.player.busy(now):  # the last words play to their end
+            raise Stop(self.ending)
         if self.connection is None:
             if self.reconnect_at is not None and now >= self.reconnect_at \
                     and not self.player.busy(now):  # let received audio finish first
@@ -904,6 +961,8 @@ class Conversation:
 
     def next_timer(self, now: float) -> float | None:
         """When tick() has something to do next."""
+        if self.ending:
+            return self.player.audible_until()
         if self.connection is None:
             if self.reconnect_at is None:
                 return None
@@ -995,6 +1054,8 @@ class Conversation:
 
     def on_user_transcript(self, event: dict[str, Any]) -> None:
         self.remember("user", event.get("item_id", ""), event.get("transcript", "").strip())
+        self.config.log.write(speaker="user", item_id=event.get("item_id"),
+                              text=event.get("transcript", "").strip())
         self.display.user(event.get("transcript", ""))
 
     def on_user_transcript_failed(self, event: dict[str, Any]) -> None:
@@ -1040,20 +1101,43 @@ class Conversation:
 
     def on_response_done(self, event: dict[str, Any]) -> None:
         self.response_active = False
-        self.transcripts = {k: v for k, v in self.transcripts.items() if k in self.player.items}
         response = event.get("response") or {}
         if response.get("status") == "failed":
             error = (response.get("status_details") or {}).get("error") or {}
             self.display.warn(f"the response failed: {error.get('code')} {error.get('message', '')}")
-        usage = response.get("usage")
+        usage = response.get("usage") or {}
+        cost = response_cost(self.config.prices, usage) if usage else None
+        ids = [item.get("id", "") for item in response.get("output") or []
+               if item.get("type") == "message"]
+        self.config.log.write(
+            speaker="assistant", item_ids=ids, status=response.get("status"),
+            text=" ".join(self.transcripts.get(item_id, "") for item_id in ids).strip(),
+            heard="truncated" if set(ids) & self.interrupted else "full", usage=usage,
+            cost_usd=cost)
+        self.transcripts = {k: v for k, v in self.transcripts.items() if k in self.player.items}
         if usage:
-            cost = response_cost(self.config.model, usage)
-            self.total.responses += 1
-            self.total.input_tokens += usage.get("input_tokens", 0)
-            self.total.output_tokens += usage.get("output_tokens", 0)
-            self.total.cost = None if cost is None or self.total.cost is None \
-                else self.total.cost + cost
-            self.display.usage(usage, cost)
+            self.count(usage, cost)
+
+    def count(self, usage: dict[str, Any], cost: float | None) -> None:
+        """Add a response to the session's totals, and hold the spend to --max-cost."""
+        self.total.responses += 1
+        self.total.input_tokens += usage.get("input_tokens", 0)
+        self.total.output_tokens += usage.get("output_tokens", 0)
+        self.total.cost = None if cost is None or self.total.cost is None \
+            else self.total.cost + cost
+        self.display.usage(usage, cost)
+        budget, spent = self.config.max_cost, self.total.cost
+        if budget is None or spent is None:
+            return
+        if spent >= budget:
+            self.ending = f"stopped: this session has cost ${spent:.4f}, reaching --max-cost " \
+                          f"${budget:.4f}"
+            if self.response_active:
+                self.send({"type": "response.cancel"})
+        elif spent >= 0.8 * budget and not self.warned_cost:
+            self.warned_cost = True
+            self.display.warn(f"{spent / budget:.0%} of --max-cost ${budget:.4f} used "
+                              f"(${spent:.4f}); the session ends when it is reached")
 
     # Actions of ours
     def interrupt(self, cancel: bool) -> None:
@@ -1074,6 +1158,8 @@ class Conversation:
             words = self.transcripts.get(item.item_id, "")
             heard = words[:round(len(words) * heard_ms / max(received_ms, 1))]
             self.remember("assistant", item.item_id, heard or " ").text = heard
+            self.config.log.write(event="truncated", item_id=item.item_id, heard_ms=heard_ms,
+                                  heard_text=heard)
             self.display.interrupted(words, heard_ms / max(received_ms, 1))
         self.player.stop()
         if cancel and self.response_active:
@@ -1081,7 +1167,7 @@ class Conversation:
 
     def on_microphone(self, audio: bytes) -> None:
         """Recorder bytes → 20 ms appends (sox delivers 4096-byte pieces on Linux)."""
-        if not self.ready:
+        if not self.ready or self.ending:
             return  # no session configured (yet, or while reconnecting): the audio is dropped
         now = time.monotonic()
         if self.config.duplex == "half" and (
@@ -1101,6 +1187,7 @@ class Conversation:
             return
         if line.strip():
             self.remember("user", f"typed-{len(self.history)}", line.strip())
+            self.config.log.write(speaker="user", typed=True, text=line.strip())
             self.interrupt(cancel=True)
             self.send({"type": "conversation.item.create", "item": {
                 "type": "message", "role": "user",
@@ -1178,7 +1265,7 @@ def decode_event(opcode: int, payload: bytes, display: Display) -> dict[str, Any
 # --- The loop -------------------------------------------------------------------------------------
 
 class Stop(Exception):
-    """Ctrl-C, SIGTERM or SIGHUP: a normal, clean end."""
+    """A normal, clean end: Ctrl-C, SIGTERM, SIGHUP, or the --max-cost budget (with a reason)."""
 
 
 def run(config: Config, display: Display) -> None:
@@ -1412,7 +1499,10 @@ def main(argv: list[str] | None = None) -> int:
     except Fatal as failure:
         display.fatal(str(failure))
         return failure.code
-    except (Stop, KeyboardInterrupt):
+    except Stop as stop:
+        if str(stop):
+            display.info(str(stop))
+    except KeyboardInterrupt:
         pass
     return Exit.OK
 

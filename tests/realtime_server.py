@@ -121,7 +121,9 @@ class Session:
         await self.send("response.output_item.done", response_id=response_id, output_index=0,
                         item={"id": item_id, "type": "message", "status": status})
         await self.send("response.done", response={
-            "id": response_id, "status": status, "usage": usage or {
+            "id": response_id, "status": status,
+            "output": [{"id": item_id, "type": "message", "role": "assistant", "status": status}],
+            "usage": usage or {
                 "total_tokens": 140, "input_tokens": 118, "output_tokens": 22,
                 "input_token_details": {"cached_tokens": 0, "text_tokens": 102, "audio_tokens": 16},
                 "output_token_details": {"text_tokens": 22, "audio_tokens": 0}}})
