@@ -878,6 +878,7 @@ class Conversation:
         self.tries = 0
         self.rolling_over = False
         self.ending: str | None = None  # why we stop once the received audio has played
+        self.restarted: set[str] = set()  # sox roles restarted once already
         self.warned_cost = False
         self.recorder = recorder
         self.player = player
@@ -973,6 +974,23 @@ class Conversation:
             rollover = self.expires_at - ROLLOVER_MARGIN
             timers.append(rollover if now < rollover else now + 0.25)
         return min(timers)
+
+    def on_sox_died(self, sox: Sox) -> None:
+        """A sox process stopped (sox exits 0 when the audio server goes away: its stderr says
+        why). Restart it once; if it dies again, give up with its reason."""
+        reason = sox.failure()
+        if sox.role in self.restarted:
+            raise Fatal(reason, Exit.AUDIO)
+        self.restarted.add(sox.role)
+        self.display.warn(f"{reason}; restarting it")
+        if sox is self.recorder:
+            selector = sox.selector
+            sox.kill()
+            self.recorder = start_recorder(self.config.plumbing)
+            if selector:
+                self.recorder.watch(selector)
+        else:
+            self.player.stop()
 
     def at_turn_boundary(self, now: float) -> bool:
         return not (self.response_active or self.user_speaking or self.player.busy(now))
@@ -1323,6 +1341,8 @@ def loop(conversation: Conversation) -> None:
             events = selector.select(max(min(timers) - now, 0) if timers else None)
             for key, _ in events:
                 what = key.data
+                if selector.get_map().get(key.fd) is not key:
+                    continue  # a sox process replaced earlier in this same round
                 if what == "signal":
                     if wakeup_r.recv(64):
                         raise Stop
@@ -1334,8 +1354,8 @@ def loop(conversation: Conversation) -> None:
                 elif what == "mic":
                     audio = read_available(key.fd)
                     if audio == b"":
-                        raise Fatal(conversation.recorder.failure(), Exit.AUDIO)
-                    if audio:
+                        conversation.on_sox_died(conversation.recorder)
+                    elif audio:
                         conversation.on_microphone(audio)
                 elif what == "stdin":
                     chunk = read_available(key.fd)
@@ -1348,7 +1368,7 @@ def loop(conversation: Conversation) -> None:
                         conversation.on_typed_line(line.decode(errors="replace"))
                 elif isinstance(what, Sox):  # stderr: a FAIL line, or EOF as sox exits
                     if not what.read_stderr() or any("FAIL" in x for x in what.stderr_lines):
-                        raise Fatal(what.failure(), Exit.AUDIO)
+                        conversation.on_sox_died(what)
             now = time.monotonic()
             conversation.tick(now)
             if conversation.connection is not None:

@@ -8,7 +8,8 @@ It behaves as `../shared/sox-rig.md` measured the real one on Linux:
   default), the rest of stdin waits for more input or EOF; each 10 ms slice is "heard" at its
   real-time moment;
 - failures: FAKE_SOX_FAIL_<ROLE>=message fails at once like a missing device (exit 1);
-  FAKE_SOX_DIE_<ROLE>=seconds makes it lose the audio server mid-stream (exit 0, FAIL on stderr).
+  FAKE_SOX_DIE_<ROLE>=seconds makes it lose the audio server mid-stream (exit 0, FAIL on stderr),
+  and FAKE_SOX_DIE_ONCE=1 lets only the first process of each role do so.
 
 Everything it does is logged in FAKE_SOX_DIR: `<role>-<pid>.json` (argv, env), `<role>-<pid>.raw`
 (bytes written or heard, in order) and `<role>-<pid>.times` (one "monotonic offset length" line
@@ -42,6 +43,11 @@ def main() -> int:
         return 1
     speed = float(os.environ.get("FAKE_SOX_SPEED", "1"))
     die_after = float(os.environ.get(f"FAKE_SOX_DIE_{role.upper()}", "inf"))
+    if os.environ.get("FAKE_SOX_DIE_ONCE"):  # only the first process of each role dies
+        marker = os.path.join(log_dir, f"{role}.died")
+        if os.path.exists(marker):
+            die_after = float("inf")
+        open(marker, "a").close()
     raw = os.open(stem + ".raw", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     times = os.open(stem + ".times", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     run = record if role == "recorder" else play

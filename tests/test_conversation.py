@@ -157,3 +157,15 @@ def test_bad_frames_are_reported_once_per_kind_and_skipped(serve, run_client):
                     "unknown server event 'response.brand_new_event'", "not valid base64"):
         assert err.count(warning) == 1, (warning, err)
     assert "assistant: Survived the garbage" in client.stdout
+
+
+def test_ctrl_c_twice_and_sighup_end_cleanly(serve, run_client):
+    for signals in ([signal.SIGINT, signal.SIGINT], [signal.SIGHUP]):
+        server = serve(wait_forever_after)
+        client = run_client(server)
+        client.wait_for("connected")
+        for sig in signals:
+            client.process.send_signal(sig)
+            time.sleep(0.02)
+        assert client.finish() == 0
+        assert "session: 0 responses" in client.stdout and "Traceback" not in client.stderr

@@ -4,13 +4,15 @@ key on screen, no sox left running (checked by the run_client fixture)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, noise
 
 
 async def handshake_then_wait(session):
@@ -64,11 +66,40 @@ def test_sox_cannot_open_the_audio_device(serve, run_client):
     assert "ALSA lib" not in client.stderr
 
 
-def test_audio_server_lost_mid_session(serve, run_client):
+def test_a_sox_that_dies_twice_ends_the_session_with_its_reason(serve, run_client, sox_log):
     client = run_client(serve(handshake_then_wait), env={"FAKE_SOX_DIE_PLAYER": "1.0"})
     client.wait_for("connected")
     assert_one_clean_line(client, 5, "the sox player stopped", "Connection terminated")
+    assert "Connection terminated: Operation not permitted; restarting it" in client.stderr
+    assert len(sox_log.runs("player")) == 2
     assert "session: 0 responses" in client.stdout
+
+
+@pytest.mark.parametrize("role", ["recorder", "player"])
+def test_a_sox_that_dies_once_is_restarted_and_the_talk_goes_on(serve, run_client, sox_log, role,
+                                                                 tmp_path):
+    async def script(session):
+        await session.handshake()
+        await asyncio.sleep(1.6)
+        await session.reply(noise(0.4, seed=4), "still talking", speed=10)
+        await asyncio.sleep(3600)
+
+    server = serve(script)
+    (tmp_path / "mic.raw").write_bytes(noise(6.0, seed=12))
+    client = run_client(server, env={f"FAKE_SOX_DIE_{role.upper()}": "0.8",
+                                     "FAKE_SOX_DIE_ONCE": "1", "FAKE_SOX_MIC": str(tmp_path / "mic.raw")})
+    client.wait_for("tokens in")
+    time.sleep(0.8)
+    assert client.stop() == 0
+    assert f"the sox {role} stopped" in client.stderr and "restarting it" in client.stderr
+    assert len(sox_log.runs(role)) == 2
+    if role == "recorder":  # the new recorder's audio reaches the server
+        second = sox_log.runs("recorder")[1]["raw"]
+        sent = b"".join(base64.b64decode(e["audio"])
+                        for e in server.events("input_audio_buffer.append"))
+        assert second[4096:8192] in sent
+    else:  # the reply plays on the new player
+        assert sox_log.runs("player")[1]["raw"][:19200] == noise(0.4, seed=4)[:19200]
 
 
 @pytest.mark.parametrize("status, code, body, shown", [
