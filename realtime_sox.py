@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import codecs
 import collections
 import contextlib
 import dataclasses
@@ -34,7 +35,9 @@ import ssl
 import struct
 import subprocess
 import sys
+import termios
 import time
+import tty
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +45,8 @@ from typing import Any
 
 import websocket
 from dotenv import load_dotenv
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.text import Text
 
 # --- Configuration -------------------------------------------------------------------------------
@@ -777,27 +781,77 @@ def response_cost(prices: Prices | None, usage: dict[str, Any]) -> float | None:
 
 
 class Display:
-    """Everything the person reads. On a terminal the assistant's words stream as they arrive;
-    into a pipe or file each turn is one finished line."""
+    """Everything the person reads. Into a pipe or file: one finished line per turn. On a
+    terminal, the bottom lines are live: the assistant's words as they stream, a status line and
+    the line being typed; everything else prints above them. The live part is redrawn from the
+    loop (rich's auto-refresh would start a thread)."""
 
     def __init__(self, secret: str) -> None:
         self.out = Console(highlight=False, soft_wrap=True)
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
-        self.streaming = self.out.is_terminal
+        self.live = Live(console=self.out, auto_refresh=False, transient=True,
+                         redirect_stdout=False, redirect_stderr=False) \
+            if self.out.is_terminal else None
+        self.err = self.out if self.live else Console(stderr=True, highlight=False, soft_wrap=True)
         self.secret = secret
-        self.open_line: str | None = None  # item id whose words are being streamed
+        self.open_line: str | None = None  # item id whose words are streaming
+        self.partial = ""
+        self.status = ""
+        self.typing = ""
+        self.shown: tuple[str, str, str] | None = None
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.escape = 0  # inside a terminal escape sequence (arrow keys …): 1 after ESC, 2 in CSI
         self.warned: set[str] = set()
+
+    def start(self) -> None:
+        if self.live:
+            self.live.start()
+
+    def stop(self) -> None:
+        self.end_line()
+        if self.live:
+            self.live.stop()
+
+    def refresh(self, status: str) -> None:
+        """Redraw the live lines if anything in them changed."""
+        self.status = status
+        if self.live and self.shown != (self.partial, self.status, self.typing):
+            self.shown = (self.partial, self.status, self.typing)
+            lines = [Text.assemble(("assistant: ", "bold green"), self.partial)] \
+                if self.open_line else []
+            lines += [Text(f"● {status}", style="dim"), Text.assemble(("› ", "bold"), self.typing)]
+            self.live.update(Group(*lines), refresh=True)
+
+    def typed(self, data: bytes) -> list[str]:
+        """Lines finished with Enter. On a terminal in cbreak mode we edit the line ourselves
+        (the terminal would echo it into the middle of our output); from a pipe, lines pass."""
+        lines = []
+        for char in self.decoder.decode(data):
+            if self.escape:
+                self.escape = 2 if self.escape == 1 and char in "[O" else \
+                    (0 if self.escape == 1 or "@" <= char <= "~" else 2)
+            elif char in "\r\n":
+                lines.append(self.typing)
+                self.typing = ""
+            elif char in "\x7f\x08":
+                self.typing = self.typing[:-1]
+            elif char == "\x15":  # Ctrl-U
+                self.typing = ""
+            elif char == "\x1b":
+                self.escape = 1
+            elif char.isprintable():
+                self.typing += char
+        return lines
 
     def end_line(self) -> None:
         if self.open_line is not None:
-            self.out.print()
-            self.open_line = None
+            self.out.print(Text.assemble(("assistant: ", "bold green"), self.partial))
+            self.open_line, self.partial = None, ""
 
     def clean(self, text: str) -> str:
         return text.replace(self.secret, "sk-…") if self.secret else text
 
+    # Lines print above the live ones, so a reply still streaming is not cut in two.
     def info(self, text: str) -> None:
-        self.end_line()
         self.out.print(Text(self.clean(text), style="dim"))
 
     def warn(self, text: str, once: str | None = None) -> None:
@@ -805,34 +859,33 @@ class Display:
             return
         if once:
             self.warned.add(once)
-        self.end_line()
         self.err.print(Text("warning: " + self.clean(text), style="yellow"))
 
     def fatal(self, text: str) -> None:
-        self.end_line()
+        self.stop()
         self.err.print(Text("error: " + self.clean(text), style="bold red"))
 
     def user(self, text: str) -> None:
-        self.end_line()
         self.out.print(Text.assemble(("you: ", "bold cyan"), text.strip()))
 
     def assistant_delta(self, item_id: str, delta: str) -> None:
-        if not self.streaming:
+        if not self.live:
             return
         if self.open_line != item_id:
             self.end_line()
-            self.out.print(Text("assistant: ", style="bold green"), end="")
             self.open_line = item_id
-        self.out.print(Text(delta), end="")
+        self.partial += delta
 
     def assistant_done(self, item_id: str, transcript: str) -> None:
-        self.end_line()
-        if self.open_line != item_id and not self.streaming and transcript:
+        if self.open_line == item_id:
+            self.partial = transcript or self.partial
+            self.end_line()
+        elif transcript and not self.live:
             self.out.print(Text.assemble(("assistant: ", "bold green"), transcript))
 
     def interrupted(self, transcript: str, heard: float) -> None:
         """Show which words were heard; the rest, never heard, is struck through."""
-        self.end_line()
+        self.open_line, self.partial = None, ""
         cut = round(len(transcript) * heard)
         self.out.print(Text.assemble(("  interrupted, heard: ", "yellow"), transcript[:cut],
                                      (transcript[cut:], "dim strike")))
@@ -845,6 +898,7 @@ class Display:
                   f"audio {out.get('audio_tokens', 0)}) · {money(cost)}")
 
     def totals(self, total: Usage) -> None:
+        self.end_line()
         self.info(f"session: {total.responses} responses · {total.input_tokens} tokens in · "
                   f"{total.output_tokens} out · {money(total.cost)}")
 
@@ -991,6 +1045,25 @@ class Conversation:
                 self.recorder.watch(selector)
         else:
             self.player.stop()
+
+    def status(self, now: float) -> str:
+        """The status line: what is happening, what it cost, how long this session has left."""
+        if self.connection is None:
+            state = f"reconnecting (try {self.tries} of {RECONNECT_TRIES})"
+        elif not self.ready:
+            state = "connecting"
+        elif self.player.busy(now):
+            state = "assistant speaking" + (" (microphone muted)" if self.config.duplex == "half"
+                                            else "")
+        else:
+            state = "hearing you" if self.user_speaking else "listening"
+        cost = f"{money(self.total.cost)} so far"
+        if self.config.max_cost is not None:
+            cost += f" of ${self.config.max_cost:.2f}"
+        parts = [state, cost]
+        if self.expires_at is not None:
+            parts.append(f"{max(self.expires_at - now, 0) / 60:.0f} min left in this session")
+        return " · ".join(parts)
 
     def at_turn_boundary(self, now: float) -> bool:
         return not (self.response_active or self.user_speaking or self.player.busy(now))
@@ -1317,11 +1390,14 @@ def loop(conversation: Conversation) -> None:
     selector.register(wakeup_r, selectors.EVENT_READ, "signal")
     conversation.recorder.watch(selector)
     conversation.player.sox.watch(selector)
-    stdin_lines = bytearray()
     try:
         selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
     except (ValueError, OSError):  # a regular file or /dev/null cannot be watched: no typing
         pass
+    terminal = termios.tcgetattr(sys.stdin) if display.live and sys.stdin.isatty() else None
+    if terminal:
+        tty.setcbreak(sys.stdin, termios.TCSANOW)  # no echo, no line editing; Ctrl-C still works
+    display.start()
     watched: socket.socket | None = None  # the connection's socket, which changes on reconnect
     try:
         while True:
@@ -1338,6 +1414,8 @@ def loop(conversation: Conversation) -> None:
             now = time.monotonic()
             timers = [t for t in (conversation.player.next_wakeup(now),
                                   conversation.next_timer(now)) if t is not None]
+            if display.live:
+                timers.append(now + 1)  # the status line's clock
             events = selector.select(max(min(timers) - now, 0) if timers else None)
             for key, _ in events:
                 what = key.data
@@ -1361,11 +1439,8 @@ def loop(conversation: Conversation) -> None:
                     chunk = read_available(key.fd)
                     if chunk == b"":  # EOF ends typing, not the voice session
                         selector.unregister(key.fd)
-                    stdin_lines += chunk or b""
-                    while b"\n" in stdin_lines:
-                        line, _, rest = bytes(stdin_lines).partition(b"\n")
-                        stdin_lines[:] = rest
-                        conversation.on_typed_line(line.decode(errors="replace"))
+                    for line in display.typed(chunk or b""):
+                        conversation.on_typed_line(line)
                 elif isinstance(what, Sox):  # stderr: a FAIL line, or EOF as sox exits
                     if not what.read_stderr() or any("FAIL" in x for x in what.stderr_lines):
                         conversation.on_sox_died(what)
@@ -1376,7 +1451,11 @@ def loop(conversation: Conversation) -> None:
                 if conversation.connection.dropped:
                     conversation.on_dropped(now)
             conversation.player.pump(now)
+            display.refresh(conversation.status(now))
     finally:
+        display.stop()
+        if terminal:
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, terminal)
         signal.set_wakeup_fd(-1)
         selector.close()
         wakeup_r.close()
@@ -1451,11 +1530,11 @@ def read_for(recorder: Sox, seconds: float, display: Display | None) -> bytes:
             if chunk == b"":
                 raise Fatal(recorder.failure(), Exit.AUDIO)
             audio += chunk or b""
-            if display and display.streaming:
+            if display and display.out.is_terminal:
                 level = decibels(audio_level(bytes(audio[-4800:])))
                 bar = "█" * max(0, int((level + 60) / 2))
                 display.out.print(Text(f"  level {bar:<30} {level:4.0f} dBFS"), end="\r")
-    if display and display.streaming:
+    if display and display.out.is_terminal:
         display.out.print()
     return bytes(audio[:int(seconds * BYTES_PER_SECOND)])
 

@@ -1,6 +1,7 @@
 """Measure realtime_sox.py's audio path, tuned against the article's plumbing, in one run.
 
-    .venv/bin/python bench/run.py            (or: make bench; about 4 minutes)
+    .venv/bin/python bench/run.py                (or: make bench; about 6 minutes)
+    .venv/bin/python bench/run.py --three-hours  (a simulated 3-hour session; about 5 minutes)
 
 Drives the real script against the fake Realtime server and fake sox of the tests (a player that
 plays whole sox blocks at the real-time rate and logs when each 10 ms is heard), and prints one
@@ -260,7 +261,52 @@ def soak(plumbing: str, speed: float = 40.0, minutes: float = 60.0) -> dict[str,
             "simulated": f"{mic_bytes / BPS / 60:.0f} min of mic in {seconds:.0f} s"}
 
 
+def three_hours(speed: float = 40.0) -> dict[str, str]:
+    """A simulated 3-hour session: each session expires after a simulated hour (90 s here), so
+    the script rolls over three times; every turn must reach the --log and memory stay flat."""
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    env, _ = environment(work, {"FAKE_SOX_SPEED": str(speed)})
+    hour = 3600 / speed
+    sent_turns = [0]
+
+    async def script(session: Session) -> None:
+        await session.handshake(expires_in=int(hour + 60))  # the rollover margin is 60 s
+        while True:
+            sent_turns[0] += 1
+            n = sent_turns[0]
+            await session.send("input_audio_buffer.committed", item_id=f"u{n}",
+                               previous_item_id=None)
+            await session.send("conversation.item.input_audio_transcription.completed",
+                               item_id=f"u{n}", content_index=0, transcript=f"question {n}")
+            await session.reply(noise(0.5, seed=n % 7), f"answer number {n}", speed=10)
+            await asyncio.sleep(1.5)
+
+    server = FakeRealtime(script)
+    env["OPENAI_BASE_URL"] = server.url
+    log = work / "talk.jsonl"
+    client = Client(work, server, ["--log", str(log)], env)
+    samples = []
+    started = time.monotonic()
+    while time.monotonic() - started < 3 * hour + 20:
+        time.sleep(5)
+        samples.append(rss_kib(client.process.pid))
+    client.process.send_signal(signal.SIGINT)
+    client.finish()
+    server.stop()
+    lines = log.read_text().splitlines()
+    answers = sum('"speaker": "assistant"' in line for line in lines)
+    questions = sum('"speaker": "user"' in line for line in lines)
+    sessions = len(server.sessions_received)
+    growth = (max(samples[3:]) - samples[3]) / 1024
+    return {"3h": f"{sessions - 1} rollovers, {questions}/{sent_turns[0]} questions and "
+                  f"{answers} answers logged, RSS {samples[-1] / 1024:.1f} MB, "
+                  f"growth {growth:+.2f} MB ({3 * hour + 20:.0f} s)"}
+
+
 def main() -> None:
+    if "--three-hours" in sys.argv:
+        print(three_hours())
+        return
     quick = "--quick" in sys.argv
     results: dict[str, dict[str, str]] = {}
     for plumbing in ("tuned", "article"):

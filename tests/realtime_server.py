@@ -108,10 +108,11 @@ class Session:
             if stop is not None and stop.is_set():
                 status = "cancelled"
                 break
-            share = words[n * len(words) // pieces:(n + 1) * len(words) // pieces]
+            first_word = n * len(words) // pieces
+            share = words[first_word:(n + 1) * len(words) // pieces]
             if share:
                 await self.send("response.output_audio_transcript.delta", **ids, content_index=0,
-                                delta=(" " if n else "") + " ".join(share))
+                                delta=(" " if first_word else "") + " ".join(share))
             await self.send("response.output_audio.delta", **ids, content_index=0,
                             delta=base64.b64encode(audio[n * chunk:(n + 1) * chunk]).decode())
             await asyncio.sleep(max(start + (n + 1) * chunk_ms / 1000 / speed - time.monotonic(), 0))
