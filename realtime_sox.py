@@ -96,9 +96,9 @@ class Exit:
 
 
 # Errors no retry can fix, and the exit code each one gets.
-FATAL_ERRORS = {"invalid_api_key": 6, "account_deactivated": 6, "insufficient_quota": 8,
-                "billing_hard_limit_reached": 8, "beta_api_shape_disabled": 11,
-                "model_not_found": 7}
+FATAL_ERRORS = {"invalid_api_key": Exit.AUTH, "account_deactivated": Exit.AUTH,
+                "insufficient_quota": Exit.RATE_LIMIT, "billing_hard_limit_reached": Exit.RATE_LIMIT,
+                "beta_api_shape_disabled": Exit.CLOSED, "model_not_found": Exit.NOT_FOUND}
 
 
 class Fatal(Exception):
@@ -190,7 +190,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--log", default=env("REALTIME_LOG", ""), metavar="PATH",
         help="append every turn (time, speaker, words, usage, cost) to this JSON Lines file "
              "[env REALTIME_LOG]")
-    add("--keepalive", type=float, default=float(env("REALTIME_KEEPALIVE", "15")),
+    add("--keepalive", type=float, default=env("REALTIME_KEEPALIVE", "15"),
         help="ping the API after this many silent seconds, and reconnect when it does not answer "
              "within as many more [env REALTIME_KEEPALIVE; default %(default)s]")
     add("--input-device", default=env("REALTIME_INPUT_DEVICE", ""),
@@ -206,6 +206,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="'article' moves audio exactly as the article did, for comparison "
              "[env REALTIME_PLUMBING; default %(default)s]")
     args = parser.parse_args(argv)
+    for action in parser._actions:  # argparse does not check defaults, which come from env
+        if action.choices and getattr(args, action.dest) not in action.choices:
+            parser.error(f"{action.option_strings[0]} (or its environment variable) must be one "
+                         f"of {', '.join(map(str, action.choices))}")
     if args.vad_threshold is not None and not 0 <= args.vad_threshold <= 1:
         parser.error("--vad-threshold must be between 0 and 1")
     if args.voice not in VOICES:

@@ -178,3 +178,14 @@ def test_gives_up_after_six_tries_to_reconnect(serve, run_client):
 def test_plain_ws_only_to_loopback(run_client):
     client = run_client(None, env={"OPENAI_BASE_URL": "http://api.example.com/v1"})
     assert_one_clean_line(client, 2, "refusing to send the API key in clear text to api.example.com")
+
+
+@pytest.mark.parametrize("variable, value, shown", [
+    ("REALTIME_KEEPALIVE", "soon", "argument --keepalive: invalid float value: 'soon'"),
+    ("REALTIME_DUPLEX", "quarter", "--duplex (or its environment variable) must be one of full, half"),
+    ("REALTIME_VAD_THRESHOLD", "2", "--vad-threshold must be between 0 and 1"),
+    ("REALTIME_PRICES", "1,2,3", "REALTIME_PRICES must be 6 or 7 numbers"),
+])
+def test_bad_settings_from_the_environment(run_client, variable, value, shown):
+    client = run_client(None, env={variable: value})
+    assert_one_clean_line(client, 2, shown)
