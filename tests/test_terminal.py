@@ -42,6 +42,14 @@ class Terminal:
                 self.screen += data
                 self.stream.feed(data)
 
+    def close(self) -> None:
+        """Make sure the script is gone, whatever the test did."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
     def rendered(self) -> list[str]:
         return [line.rstrip() for line in self.emulator.display]
 
@@ -84,11 +92,7 @@ def test_key_prompt_saves_to_dotenv_and_words_stream(serve, base_env, sox_log, t
         terminal.wait_for("tokens in")
         assert terminal.stop() == 0
     finally:
-        try:
-            os.kill(terminal.pid, signal.SIGKILL)
-            os.waitpid(terminal.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        terminal.close()
     dotenv = tmp_path / ".env"
     assert dotenv.read_text() == f"OPENAI_API_KEY={API_KEY}\n"
     assert dotenv.stat().st_mode & 0o777 == 0o600
@@ -138,11 +142,7 @@ def test_typing_is_never_garbled_by_the_conversation(serve, base_env, sox_log, t
         assert terminal.stop() == 0
         terminal.read(0.3)
     finally:
-        try:
-            os.kill(terminal.pid, signal.SIGKILL)
-            os.waitpid(terminal.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        terminal.close()
     (typed,) = server.events("conversation.item.create")
     assert typed["item"]["content"][0]["text"] == "hello world"
     screen = terminal.rendered()
