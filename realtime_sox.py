@@ -971,7 +971,8 @@ class Conversation:
                 turn.text = self.transcripts.get(turn.item_id, "").strip()
         self.display.end_line()
         self.connection.close(wait=False)
-        self.connection, self.ready, self.response_active = None, False, False
+        self.connection, self.ready = None, False
+        self.response_active = self.user_speaking = False
         if expired:
             self.rolling_over = False
             self.reconnect_at = now
@@ -1238,27 +1239,27 @@ class Conversation:
     def interrupt(self, cancel: bool) -> None:
         """Barge-in: silence the player and tell the server exactly how much was heard."""
         now = time.monotonic()
-        if not self.config.plumbing.barge_in or not self.player.busy(now):
-            if cancel and self.response_active:
-                self.send({"type": "response.cancel"})
-            return
-        for item in self.player.items.values():
-            heard_ms = self.player.heard_ms(item, now)
-            received_ms = item.received * 1000 // BYTES_PER_SECOND
-            if item.complete and heard_ms >= received_ms:
-                continue  # heard to the end: nothing to take back
-            self.send({"type": "conversation.item.truncate", "item_id": item.item_id,
-                                  "content_index": 0, "audio_end_ms": min(heard_ms, received_ms)})
-            self.interrupted.add(item.item_id)
-            words = self.transcripts.get(item.item_id, "")
-            heard = words[:round(len(words) * heard_ms / max(received_ms, 1))]
-            self.remember("assistant", item.item_id, heard or " ").text = heard
-            self.config.log.write(event="truncated", item_id=item.item_id, heard_ms=heard_ms,
-                                  heard_text=heard)
-            self.display.interrupted(words, heard_ms / max(received_ms, 1))
-        self.player.stop()
+        if self.config.plumbing.barge_in and self.player.busy(now):
+            for item in self.player.items.values():
+                self.truncate(item, now)
+            self.player.stop()
         if cancel and self.response_active:
             self.send({"type": "response.cancel"})
+
+    def truncate(self, item: HeardItem, now: float) -> None:
+        heard_ms = self.player.heard_ms(item, now)
+        received_ms = item.received * 1000 // BYTES_PER_SECOND
+        if item.complete and heard_ms >= received_ms:
+            return  # heard to the end: nothing to take back
+        self.send({"type": "conversation.item.truncate", "item_id": item.item_id,
+                   "content_index": 0, "audio_end_ms": min(heard_ms, received_ms)})
+        self.interrupted.add(item.item_id)
+        words = self.transcripts.get(item.item_id, "")
+        heard = words[:round(len(words) * heard_ms / max(received_ms, 1))]
+        self.remember("assistant", item.item_id).text = heard
+        self.config.log.write(event="truncated", item_id=item.item_id, heard_ms=heard_ms,
+                              heard_text=heard)
+        self.display.interrupted(words, heard_ms / max(received_ms, 1))
 
     def on_microphone(self, audio: bytes) -> None:
         """Recorder bytes → 20 ms appends (sox delivers 4096-byte pieces on Linux)."""
@@ -1271,9 +1272,10 @@ class Conversation:
         self.mic += audio
         size = self.config.plumbing.frame_bytes or len(self.mic)
         while len(self.mic) >= size and self.mic:
-            frame, self.mic[:size] = bytes(self.mic[:size]), b""
+            frame = bytes(self.mic[:size])
+            del self.mic[:size]
             self.send({"type": "input_audio_buffer.append",
-                                  "audio": base64.b64encode(frame).decode()})
+                       "audio": base64.b64encode(frame).decode()})
             self.mic_ms_uncommitted += len(frame) * 1000 / BYTES_PER_SECOND
 
     def on_typed_line(self, line: str) -> None:
@@ -1501,12 +1503,12 @@ def check_audio(plumbing: Plumbing, display: Display) -> int:
         during = read_for(recorder, 1.0, None)
     finally:
         recorder.kill(signal.SIGTERM)
-    # The 1 kHz energy while the tone played, against the room's before it.
-    echo = decibels(tone_level(during)) - decibels(tone_level(before))
-    if echo > 10:
-        display.warn(f"your microphone hears your speakers ({echo:.0f} dB of the test tone came "
-                     "back): use headphones, or run with --duplex half so the assistant cannot hear "
-                     "itself")
+    # The 1 kHz level while the tone played, against the room's before it.
+    echo = decibels(tone_level(during))
+    if echo > -60 and echo > decibels(tone_level(before)) + 10:
+        display.warn(f"your microphone hears your speakers (the test tone came back at "
+                     f"{echo:.0f} dBFS): use headphones, or run with --duplex half so the "
+                     "assistant cannot hear itself")
     else:
         display.info("the microphone did not hear the speakers: full duplex is safe")
     return Exit.OK

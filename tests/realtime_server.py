@@ -73,11 +73,12 @@ class Session:
 
     async def expect(self, type: str, timeout: float = 10) -> dict[str, Any]:
         """The next client event of this type (others are skipped; all are recorded)."""
-        async with asyncio.timeout(timeout):
+        async def next_of_type() -> dict[str, Any]:
             while True:
                 event = await self.inbox.get()
                 if event["type"] == type:
                     return event
+        return await asyncio.wait_for(next_of_type(), timeout)  # asyncio.timeout needs 3.11
 
     async def handshake(self, expires_in: int = 3600) -> dict[str, Any]:
         await self.send("session.created", session={

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import os
 import subprocess
 import time
@@ -125,6 +126,29 @@ def test_barge_in_silences_the_real_player(serve, run_client, real_env, tmp_path
     leftover_ms = (max(loud) - moments["speech"]) * 1000
     print(f"sound after speech_started on the real sox: {leftover_ms:.0f} ms")
     assert leftover_ms <= 60
+
+
+@pytest.mark.parametrize("plumbing, heard_ms", [("tuned", (1170, 1260)), ("article", (980, 1060))])
+def test_reply_endings_on_the_real_sox(serve, run_client, real_env, plumbing, heard_ms,
+                                       no_orphan_real_sox):
+    """A 1.2 s tone: the article's player plays whole 8192-sample blocks and keeps the last 176 ms
+    waiting for input that never comes; ours pads the end and plays every sample."""
+    tone = b"".join(int(8000 * math.sin(2 * math.pi * 440 * n / 24_000)).to_bytes(2, "little",
+                    signed=True) for n in range(int(1.2 * 24_000)))
+    moments: dict[str, float] = {}
+    monitor = Monitor()
+    try:
+        client = run_client(serve(reply_then("listen", tone, moments)), "--plumbing", plumbing,
+                            env=real_env)
+        client.wait_for("tokens in")
+        time.sleep(2.0)
+        assert client.stop() == 0
+    finally:
+        monitor.stop()
+    loud = [t for t in monitor.loud_moments() if t > moments["first delta"]]
+    played_ms = len(loud) * 10
+    print(f"{plumbing}: {played_ms} ms of a 1200 ms reply reached the speaker")
+    assert heard_ms[0] <= played_ms <= heard_ms[1]
 
 
 @pytest.mark.parametrize("duplex", ["full", "half"])
