@@ -134,6 +134,12 @@ class FreezingProxy:
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            self._forward(a, b)
+        except (OSError, ValueError):  # closed by close()
+            pass
+
+    def _forward(self, a: socket.socket, b: socket.socket) -> None:
         while True:
             ready, _, _ = select.select([a, b], [], [], 0.1)
             for sock in ready:
@@ -150,6 +156,12 @@ class FreezingProxy:
         for pair in self.live:
             self.frozen.extend(pair)
 
+    def close(self) -> None:
+        self.listener.close()
+        for pair in self.live:
+            for sock in pair:
+                sock.close()
+
 
 def test_a_silent_connection_is_detected_and_replaced(serve, run_client):
     async def script(session):
@@ -164,5 +176,6 @@ def test_a_silent_connection_is_detected_and_replaced(serve, run_client):
     proxy.freeze()
     client.wait_for("connected again", timeout=10)
     assert client.stop() == 0
+    proxy.close()
     assert "the API did not answer for 1 s; reconnecting in" in client.stderr
     assert len(server.request_headers) == 2
