@@ -115,6 +115,12 @@ class Client:
         code = self.process.wait(timeout)
         for reader in self._readers:
             reader.join(5)
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except BrokenPipeError:  # stdin data the script never read
+                    pass
         return code
 
 

@@ -33,9 +33,10 @@ def main() -> int:
     role = "player" if "-" in argv and argv.index("-") < len(argv) - 1 else "recorder"
     log_dir = os.environ["FAKE_SOX_DIR"]
     stem = os.path.join(log_dir, f"{role}-{os.getpid()}")
-    with open(stem + ".json", "w") as f:
+    with open(stem + ".json.tmp", "w") as f:  # renamed into place: readers never see half
         json.dump({"argv": argv, "pid": os.getpid(),
                    "PULSE_LATENCY_MSEC": os.environ.get("PULSE_LATENCY_MSEC")}, f)
+    os.replace(stem + ".json.tmp", stem + ".json")
     fail = os.environ.get(f"FAKE_SOX_FAIL_{role.upper()}")
     if fail:
         sys.stderr.write("ALSA lib confmisc.c:855:(parse_card) cannot find card '0'\n"

@@ -56,7 +56,9 @@ def test_a_dropped_connection_reconnects_and_replays_the_conversation(serve, run
     client.wait_for("assistant: As I was saying")
     time.sleep(0.5)
     assert client.stop() == 0
-    assert "the connection dropped without a close frame; reconnecting in" in client.stderr
+    # Seen first as a read that ends or a write that fails, depending on timing.
+    assert ("the connection dropped without a close frame; reconnecting in" in client.stderr
+            or "the connection broke" in client.stderr)
     told = replayed(server, 2)
     assert told[:2] == [("user", "input_text", "What is a haiku?"),
                         ("assistant", "output_text", "A haiku is a short poem")]
