@@ -93,6 +93,7 @@ class Exit:
     """Exit codes, one per kind of failure (listed in the README)."""
     OK, USAGE, NO_KEY, NO_SOX, AUDIO, AUTH, NOT_FOUND, RATE_LIMIT, NETWORK, TLS, CLOSED = (
         0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+    BUG = 70
 
 
 # Errors no retry can fix, and the exit code each one gets.
@@ -598,7 +599,6 @@ class Connection:
     MAX_MESSAGE = 32 * 1024 * 1024
 
     def __init__(self, url: str, api_key: str) -> None:
-        self.url = url
         self.sock = handshake(url, api_key)
         self.sock.setblocking(False)
         self.inbox = bytearray()
@@ -1100,7 +1100,11 @@ class Conversation:
     def handle(self, message: dict[str, Any]) -> None:
         handler = HANDLERS.get(message["type"])
         if handler is not None:
-            handler(self, message)
+            try:
+                handler(self, message)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                self.display.warn(f"skipping a malformed {message['type']!r} event ({error!r})",
+                                  once="malformed " + message["type"])
         elif message["type"] not in QUIET_EVENTS:
             self.display.warn(f"ignoring unknown server event {message['type']!r}",
                               once=message["type"])
@@ -1175,8 +1179,7 @@ class Conversation:
         except (binascii.Error, KeyError, TypeError):
             self.display.warn("skipping audio that is not valid base64", once="base64")
             return
-        self.player.add(event["item_id"], audio, time.monotonic())
-        self.player.pump(time.monotonic())
+        self.player.add(event["item_id"], audio, time.monotonic())  # the loop pumps it next
 
     def on_audio_done(self, event: dict[str, Any]) -> None:
         if event.get("item_id") not in self.interrupted:
@@ -1216,9 +1219,11 @@ class Conversation:
 
     def count(self, usage: dict[str, Any], cost: float | None) -> None:
         """Add a response to the session's totals, and hold the spend to --max-cost."""
+        input_tokens, output_tokens = int(usage.get("input_tokens", 0)), int(usage.get(
+            "output_tokens", 0))  # a malformed count fails here, before the totals change
         self.total.responses += 1
-        self.total.input_tokens += usage.get("input_tokens", 0)
-        self.total.output_tokens += usage.get("output_tokens", 0)
+        self.total.input_tokens += input_tokens
+        self.total.output_tokens += output_tokens
         self.total.cost = None if cost is None or self.total.cost is None \
             else self.total.cost + cost
         self.display.usage(usage, cost)
@@ -1609,6 +1614,12 @@ def main(argv: list[str] | None = None) -> int:
             display.info(str(stop))
     except KeyboardInterrupt:
         pass
+    except Exception as error:  # a bug: sox is already stopped (run's finally); say so in one line
+        if os.environ.get("REALTIME_DEBUG"):
+            raise
+        display.fatal(f"internal error ({type(error).__name__}: {error}); please report it, "
+                      "with the traceback from REALTIME_DEBUG=1")
+        return Exit.BUG
     return Exit.OK
 
 

@@ -169,3 +169,21 @@ def test_ctrl_c_twice_and_sighup_end_cleanly(serve, run_client):
             time.sleep(0.02)
         assert client.finish() == 0
         assert "session: 0 responses" in client.stdout and "Traceback" not in client.stderr
+
+
+def test_a_malformed_event_is_skipped_and_reported_once(serve, run_client):
+    async def script(session):
+        await session.handshake()
+        for _ in range(2):
+            await session.send("response.done", response={"status": "completed", "usage": {
+                "input_tokens": "many", "output_tokens": 3}})
+        await session.reply(noise(0.2), "Still fine")
+        await asyncio.sleep(3600)
+
+    client = run_client(serve(script))
+    client.wait_for("assistant: Still fine")
+    client.wait_for("tokens in 118")
+    assert client.stop() == 0
+    assert client.stderr.count("skipping a malformed 'response.done' event") == 1
+    assert "session: 1 responses · 118 tokens in" in client.stdout  # the bad ones not counted
+    assert "Traceback" not in client.stderr
