@@ -120,6 +120,7 @@ class Plumbing:
     block_bytes: int | None  # the player plays whole blocks only: pad reply ends to this size
     frame_bytes: int | None  # re-frame the microphone into appends of this size; None: as read
     barge_in: bool
+    pulse_latency_ms: str | None  # PULSE_LATENCY_MSEC for the player, unless the user set one
     input_device: str = ""  # "" is the article's --default-device
     output_device: str = ""
 
@@ -127,8 +128,8 @@ class Plumbing:
 PLUMBING = {
     # --buffer 960: the player plays 40 ms blocks and starts in ~10 ms (with PULSE_LATENCY_MSEC=20)
     # instead of waiting for a 341 ms block; the recorder delivers 4096 B reads, not 8192 B.
-    "tuned": Plumbing(("--buffer", "960"), 60, 40, 960 * 2, FRAME_BYTES, True),
-    "article": Plumbing((), None, 0, None, None, False),
+    "tuned": Plumbing(("--buffer", "960"), 60, 40, 960 * 2, FRAME_BYTES, True, "20"),
+    "article": Plumbing((), None, 0, None, None, False, None),
 }
 
 
@@ -348,7 +349,7 @@ class Sox:
     and its `sox FAIL …` line is the only account of why."""
 
     def __init__(self, role: str, args: list[str], env_extra: dict[str, str]) -> None:
-        self.role = role
+        self.role, self.args, self.env_extra = role, args, env_extra
         self.selector: selectors.BaseSelector | None = None
         self.stderr_lines: list[str] = []
         self._stderr_partial = b""
@@ -360,6 +361,17 @@ class Sox:
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
             if stream is not None:
                 os.set_blocking(stream.fileno(), False)
+        if self.process.stdin is not None:
+            shrink_pipe(self.process.stdin.fileno())
+
+    def restart(self) -> Sox:
+        """Kill this one and start the same command again, watched as this one was."""
+        selector = self.selector
+        self.kill(signal.SIGKILL)
+        again = Sox(self.role, self.args, self.env_extra)
+        if selector:
+            again.watch(selector)
+        return again
 
     def watch(self, selector: selectors.BaseSelector) -> None:
         self.selector = selector
@@ -426,11 +438,10 @@ def start_recorder(plumbing: Plumbing) -> Sox:
 
 def start_player(plumbing: Plumbing) -> Sox:
     args, env_extra = on_device(PLAYER_ARGS, plumbing.output_device, "PULSE_SINK")
-    if plumbing.barge_in:  # PulseAudio's default 250 ms stream buffer would undo the small block
-        env_extra["PULSE_LATENCY_MSEC"] = os.environ.get("PULSE_LATENCY_MSEC", "20")
-    player = Sox("player", [*plumbing.sox_options, *args], env_extra)
-    shrink_pipe(player)
-    return player
+    if plumbing.pulse_latency_ms:  # PulseAudio's default 250 ms buffer would undo the small block
+        env_extra["PULSE_LATENCY_MSEC"] = os.environ.get("PULSE_LATENCY_MSEC",
+                                                         plumbing.pulse_latency_ms)
+    return Sox("player", [*plumbing.sox_options, *args], env_extra)
 
 
 def on_device(args: list[str], device: str, pulse_variable: str) -> tuple[list[str], dict[str, str]]:
@@ -444,12 +455,12 @@ def on_device(args: list[str], device: str, pulse_variable: str) -> tuple[list[s
     return list(args), {pulse_variable: device}
 
 
-def shrink_pipe(player: Sox) -> None:
+def shrink_pipe(fd: int) -> None:
     """A 64 KiB pipe holds 1.4 s of audio nobody can take back; paced writes never need more."""
     set_pipe_size = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
-    if set_pipe_size and player.process.stdin:
+    if set_pipe_size:
         with contextlib.suppress(OSError):
-            fcntl.fcntl(player.process.stdin.fileno(), set_pipe_size, 4096)
+            fcntl.fcntl(fd, set_pipe_size, 4096)
 
 
 @dataclasses.dataclass
@@ -578,15 +589,11 @@ class Player:
 
     def stop(self) -> None:
         """Silence now: SIGKILL (SIGTERM lets sox play ~220 ms more), drop the queue, respawn."""
-        selector = self.sox.selector
-        self.sox.kill(signal.SIGKILL)
+        self.sox = self.sox.restart()
         self.queue.clear()
         self.queued_bytes = self.written = 0
         self.items.clear()
         self.waiting_since = None
-        self.sox = start_player(self.plumbing)
-        if selector:
-            self.sox.watch(selector)
 
 
 # --- The connection ------------------------------------------------------------------------------
@@ -1043,11 +1050,7 @@ class Conversation:
         self.restarted.add(sox.role)
         self.display.warn(f"{reason}; restarting it")
         if sox is self.recorder:
-            selector = sox.selector
-            sox.kill()
-            self.recorder = start_recorder(self.config.plumbing)
-            if selector:
-                self.recorder.watch(selector)
+            self.recorder = sox.restart()
         else:
             self.player.stop()
 
