@@ -20,6 +20,7 @@ import codecs
 import collections
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import getpass
 import ipaddress
@@ -82,8 +83,8 @@ PRICES: dict[str, Prices] = {
 }
 
 
-# Keeping a conversation alive (see Conversation.tick).
-HANDSHAKE_TIMEOUT = 10  # s; a handshake blocks the loop, so it only runs when nothing is playing
+# Keeping a conversation alive (see Link).
+HANDSHAKE_TIMEOUT = 10  # s for each step of opening a connection, and again for the session
 RECONNECT_TRIES = 6  # with jittered backoff 0.5, 1, 2, 4, 8, 8 s: about 20 s in all
 ROLLOVER_MARGIN = 60  # s before the 60-minute limit: start a new session at the next pause
 REPLAY_TURNS, REPLAY_CHARS = 40, 16_000  # how much of the conversation a new session is told
@@ -410,7 +411,7 @@ class Sox:
 
     def read_stderr_to_end(self) -> None:
         if self.process.stderr and not self.process.stderr.closed:
-            deadline = time.monotonic() + 0.2
+            deadline = time.monotonic() + 0.05  # sox has exited: its last words are written
             while self.read_stderr() and time.monotonic() < deadline:
                 time.sleep(0.005)
 
@@ -598,25 +599,279 @@ class Player:
 
 # --- The connection ------------------------------------------------------------------------------
 
+# getaddrinfo() can neither be interrupted nor made non-blocking with the standard library, and a
+# slow DNS server would hold the loop (and Ctrl-C) for seconds: it runs in a child process.
+RESOLVER = """\
+import json, socket, sys
+try:
+    found = socket.getaddrinfo(sys.argv[1], int(sys.argv[2]), type=socket.SOCK_STREAM)
+except OSError as error:
+    sys.exit(str(error.strerror or error))
+print(json.dumps([[family, *address[:2]] for family, _, _, _, address in found]))
+"""
+
+Address = tuple[int, str, int]  # socket family, host, port
+
+
 class Connection:
-    """A WebSocket that never blocks the loop. websocket-client does the handshake; after it, the
-    socket is non-blocking and we frame messages ourselves, so a half-received frame just waits
-    in `inbox` for the rest."""
+    """A WebSocket that never blocks the loop, from the first DNS query to the last frame.
+
+    Opening it is a state machine of the loop: each time `fileobj()` is ready for `events()`,
+    `on_ready()` takes the next step, and one deadline covers them all:
+
+        resolving → connecting (TCP) → proxy (CONNECT, with https_proxy) → tls → upgrading → open
+
+    websocket-client supplies the pieces that do not block: URL and proxy settings, the TLS
+    context, the upgrade request and the check of `Sec-WebSocket-Accept`. Its socket I/O
+    (`create_connection`, `read_headers`) blocks, so reading the HTTP answers and the frames is
+    ours: a half-received answer or frame just waits in `inbox` for the rest."""
 
     MAX_MESSAGE = 32 * 1024 * 1024
+    MAX_ANSWER = 64 * 1024  # an HTTP answer's head and error body; a portal's page can be long
 
-    def __init__(self, url: str, api_key: str) -> None:
-        self.sock = handshake(url, api_key)
-        self.sock.setblocking(False)
+    def __init__(self, url: str, api_key: str, addresses: list[Address], now: float) -> None:
+        self.url, self.api_key = url, api_key
+        self.host, self.port, self.resource, secure = websocket._url.parse_url(url)
+        proxy_host, proxy_port, self.proxy_auth = websocket._url.get_proxy_info(self.host, secure)
+        self.proxy = (proxy_host, int(proxy_port or 80)) if proxy_host else None
+        self.secure = secure
+        self.phase = "resolving"
+        self.started = now
+        self.deadline = now + HANDSHAKE_TIMEOUT
+        self.resolver: subprocess.Popen[bytes] | None = None
+        self.addresses = list(addresses)  # still to try
+        self.resolved = list(addresses)  # for the next connection: DNS once, not per reconnect
+        self.tcp_error = "no address"
+        self.sock: socket.socket | None = None
+        self.tls_wants = selectors.EVENT_READ
+        self.key = ""
         self.inbox = bytearray()
         self.outbox = bytearray()
         self.fragments: list[bytes] = []
+        self.failure: Fatal | None = None  # why the opening failed, if it did
         self.close_code: int | None = None
         self.close_reason = ""
         self.dropped: str | None = None  # why the connection is gone, once it is
-        self.last_heard = time.monotonic()
+        self.last_heard = now
         self.ping_sent: float | None = None
+        self._step(self._connect_next if self.addresses else self._resolve)
 
+    # What the loop watches, and the next step when it is ready
+    def fileobj(self) -> Any:
+        if self.dropped:
+            return None
+        if self.phase == "resolving":
+            return self.resolver.stdout if self.resolver else None
+        return self.sock
+
+    def events(self) -> int:
+        if self.phase == "connecting":
+            return selectors.EVENT_WRITE
+        if self.phase == "tls":
+            return self.tls_wants
+        return selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox else 0)
+
+    def on_ready(self) -> list[tuple[int, bytes]]:
+        """Take the next step of the opening; once open, the messages that have arrived."""
+        if self.phase == "open":
+            return self.receive()
+        steps = {"resolving": self._read_resolver, "connecting": self._tcp_connected,
+                 "tls": self._tls_step}
+        self._step(steps.get(self.phase, self._read_answer))
+        return self._messages() if self.phase == "open" and not self.dropped else []
+
+    def check_deadline(self, now: float) -> None:
+        if self.phase != "open" and not self.dropped and now > self.deadline:
+            self._fail(self._timed_out())
+
+    def _step(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Fatal as failure:
+            self._fail(failure)
+
+    def _fail(self, failure: Fatal) -> None:
+        self.failure, self.dropped = failure, str(failure)
+        self.close(wait=False)
+
+    # resolving
+    def _resolve(self) -> None:
+        host, port = self.proxy or (self.host, self.port)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:  # a name: ask the resolver process
+            self.resolver = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", RESOLVER, host, str(port)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True)
+            return
+        self.resolved = self.addresses = [
+            (socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip), port)]
+        self._connect_next()
+
+    def _read_resolver(self) -> None:
+        assert self.resolver is not None and self.resolver.stdout and self.resolver.stderr
+        chunk = read_available(self.resolver.stdout.fileno())
+        if chunk:
+            self.inbox += chunk
+            return
+        if chunk is None:
+            return
+        self.resolver.wait()  # its stdout is closed: it has exited or is exiting
+        error = self.resolver.stderr.read().decode(errors="replace").strip()
+        self.resolver = None
+        try:
+            found = [(int(family), str(host), int(port))
+                     for family, host, port in json.loads(self.inbox)]
+        except (ValueError, TypeError):
+            found = []
+        self.inbox.clear()
+        if not found:
+            name = self.proxy[0] if self.proxy else self.host
+            raise Fatal(f"cannot resolve {name} ({error or 'no address'}): check your network "
+                        "or OPENAI_BASE_URL", Exit.NETWORK, retry=True)
+        self.resolved, self.addresses = found, list(found)
+        self._connect_next()
+
+    # connecting
+    def _connect_next(self) -> None:
+        if not self.addresses:
+            where = "the proxy {}:{}".format(*self.proxy) if self.proxy else \
+                f"{self.host}:{self.port}"
+            raise Fatal(f"cannot reach {where} ({self.tcp_error}): check your network or "
+                        "OPENAI_BASE_URL", Exit.NETWORK, retry=True)
+        family, host, port = self.addresses.pop(0)
+        self.phase = "connecting"
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setblocking(False)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # 20 ms frames go at once
+        error = self.sock.connect_ex((host, port))
+        if error not in (0, errno.EINPROGRESS):
+            self._tcp_failed(error)
+
+    def _tcp_connected(self) -> None:
+        assert self.sock is not None
+        error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._tcp_failed(error)
+        elif self.proxy:
+            self._ask_proxy()
+        else:
+            self._start_tls()
+
+    def _tcp_failed(self, error: int) -> None:
+        assert self.sock is not None
+        self.tcp_error = os.strerror(error)
+        self.sock.close()
+        self._connect_next()  # the next address, if the name had several
+
+    # proxy: an HTTP CONNECT tunnel, as websocket-client's own _tunnel() sends it
+    def _ask_proxy(self) -> None:
+        self.phase = "proxy"
+        request = f"CONNECT {self.host}:{self.port} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        user, password = self.proxy_auth or ("", "")
+        if user:
+            credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request += f"Proxy-Authorization: Basic {credentials}\r\n"
+        self.outbox += (request + "\r\n").encode()
+        self.flush()
+
+    # tls
+    def _start_tls(self) -> None:
+        if not self.secure:
+            return self._start_upgrade()
+        self.phase = "tls"
+        assert self.sock is not None
+        try:
+            self.sock = websocket._http._ssl_socket(self.sock, {"do_handshake_on_connect": False},
+                                                    self.host)
+        except websocket.WebSocketException as error:  # certificates that cannot be loaded
+            raise Fatal(f"TLS setup failed ({error})", Exit.TLS) from None
+        self._tls_step()
+
+    def _tls_step(self) -> None:
+        assert isinstance(self.sock, ssl.SSLSocket)
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.tls_wants = selectors.EVENT_READ
+            return
+        except ssl.SSLWantWriteError:
+            self.tls_wants = selectors.EVENT_WRITE
+            return
+        except ssl.SSLError as error:
+            raise Fatal(f"TLS with {self.host} failed ({error.reason or error}); on macOS with "
+                        "python.org's Python, run 'Install Certificates.command'",
+                        Exit.TLS) from None
+        except OSError as error:
+            raise Fatal(f"TLS with {self.host} failed: the connection broke "
+                        f"({error.strerror or error})", Exit.TLS, retry=True) from None
+        self._start_upgrade()
+
+    # upgrading
+    def _start_upgrade(self) -> None:
+        """The HTTP upgrade with only the Authorization header (never the retired OpenAI-Beta)."""
+        self.phase = "upgrading"
+        lines, self.key = websocket._handshake._get_handshake_headers(
+            self.resource, self.url, self.host, self.port,
+            {"header": [f"Authorization: Bearer {self.api_key}"]})
+        self.outbox += "\r\n".join(lines).encode()
+        self.flush()
+
+    def _read_answer(self) -> None:
+        """The proxy's or the server's HTTP answer, once its head (and any body) is in."""
+        self.flush()
+        ended = not self._recv()
+        head_end = self.inbox.find(b"\r\n\r\n")
+        if head_end < 0:
+            if ended or len(self.inbox) > self.MAX_ANSWER:
+                raise self._no_answer()
+            return
+        status, headers = parse_http_head(bytes(self.inbox[:head_end]))
+        body = bytes(self.inbox[head_end + 4:])
+        if status in (101, 200) and (self.phase == "proxy") == (status == 200):
+            del self.inbox[:head_end + 4]
+            if self.phase == "proxy":
+                return self._start_tls()
+            if not websocket._handshake._validate(headers, self.key, None)[0]:
+                raise Fatal(f"{self.host} answered the upgrade without a valid WebSocket "
+                            "handshake: check OPENAI_BASE_URL", Exit.CLOSED)
+            self.phase, self.last_heard = "open", time.monotonic()
+            return None
+        try:
+            length = min(int(headers.get("content-length", self.MAX_ANSWER)), self.MAX_ANSWER)
+        except ValueError:
+            length = self.MAX_ANSWER
+        if len(body) < length and not ended:
+            return None  # the rest of the error body is on its way
+        if self.phase == "proxy":
+            raise Fatal("the proxy {}:{} refused to connect to {} (HTTP {}): check https_proxy"
+                        .format(*self.proxy or ("", ""), self.host, status), Exit.NETWORK,
+                        retry=status != 407)
+        raise refused(self.host, status, headers, body)
+
+    def _no_answer(self) -> Fatal:
+        who = "the proxy" if self.phase == "proxy" else self.host
+        return Fatal(f"{who} closed the connection without answering the WebSocket upgrade: "
+                     "check OPENAI_BASE_URL", Exit.NETWORK, retry=True)
+
+    def _timed_out(self) -> Fatal:
+        seconds = f"within {HANDSHAKE_TIMEOUT} s"
+        name = self.proxy[0] if self.proxy and self.phase == "resolving" else self.host
+        if self.phase == "tls":
+            return Fatal(f"TLS with {self.host} did not finish {seconds}: something between "
+                         "you and the API holds the connection", Exit.TLS, retry=True)
+        reason = {
+            "resolving": f"cannot resolve {name}: no answer {seconds}; check your network",
+            "connecting": f"cannot reach {self.host}:{self.port}: no answer {seconds}; check "
+                          "your network or OPENAI_BASE_URL",
+            "proxy": f"the proxy did not answer {seconds}: check https_proxy",
+            "upgrading": f"{self.host} accepted the connection but did not answer the WebSocket "
+                         f"upgrade {seconds}: try again later, or check OPENAI_BASE_URL",
+        }[self.phase]
+        return Fatal(reason, Exit.NETWORK, retry=True)
+
+    # open: frames both ways
     def send(self, event: dict[str, Any]) -> None:
         self._queue_frame(json.dumps(event), websocket.ABNF.OPCODE_TEXT)
 
@@ -625,7 +880,8 @@ class Connection:
         self.flush()
 
     def flush(self) -> None:
-        while self.outbox and not self.dropped:
+        while self.outbox and self.sock is not None and not self.dropped \
+                and self.phase in ("proxy", "upgrading", "open"):
             try:
                 sent = self.sock.send(self.outbox)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
@@ -640,23 +896,27 @@ class Connection:
         self._queue_frame(b"keepalive", websocket.ABNF.OPCODE_PING)
 
     def receive(self) -> list[tuple[int, bytes]]:
-        """All complete messages that have arrived, as (opcode, payload). Reads until the socket
-        would block, which also drains what the SSL layer holds decrypted (`pending()`), bytes
-        that select() cannot see."""
+        """All complete messages that have arrived, as (opcode, payload)."""
+        if not self._recv():
+            self.dropped = self.dropped or "the connection dropped without a close frame"
+        return self._messages()
+
+    def _recv(self) -> bool:
+        """Read until the socket would block, which also drains what the SSL layer holds
+        decrypted (`pending()`), bytes that select() cannot see. False at the end of the stream."""
+        assert self.sock is not None
         while True:
             try:
                 chunk = self.sock.recv(65536)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                break
+                return True
             except OSError as error:
                 self.dropped = self.dropped or f"the connection broke ({error})"
-                break
+                return False
             if not chunk:
-                self.dropped = self.dropped or "the connection dropped without a close frame"
-                break
+                return False
             self.inbox += chunk
             self.last_heard, self.ping_sent = time.monotonic(), None
-        return self._messages()
 
     def _messages(self) -> list[tuple[int, bytes]]:
         messages = []
@@ -709,45 +969,53 @@ class Connection:
         self._queue_frame(payload[:2], websocket.ABNF.OPCODE_CLOSE)
 
     def close(self, wait: bool = True) -> None:
-        """Say goodbye with 1000 (and wait up to 0.5 s for the reply); a dead one just closes."""
+        """Say goodbye with 1000 if open (waiting up to 0.5 s for the reply: only at exit, when
+        the loop has ended); anything else just stops."""
+        if self.resolver is not None:
+            self.resolver.kill()
+            self.resolver.wait()
+            for stream in (self.resolver.stdout, self.resolver.stderr):
+                if stream is not None:
+                    stream.close()
+            self.resolver = None
+        if self.sock is None:
+            return
         try:
-            if self.dropped is None:
+            if self.phase == "open" and self.dropped is None:
                 self._queue_frame(struct.pack("!H", 1000), websocket.ABNF.OPCODE_CLOSE)
                 if wait:
                     self.sock.settimeout(0.5)
                     self.sock.sendall(self.outbox)
                     self.sock.recv(4096)
-            self.flush()
+                self.flush()
         except (OSError, ValueError):
             pass
         finally:
             self.sock.close()
 
 
-def handshake(url: str, api_key: str) -> socket.socket:
-    """Open the WebSocket with only the Authorization header (never the retired OpenAI-Beta one),
-    turning each way it can fail into one line that says what to do."""
-    host = urllib.parse.urlsplit(url).hostname
+def parse_http_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """An HTTP answer's status and headers (lower-case names, as websocket-client keeps them)."""
+    status_line, *lines = head.decode("latin-1").split("\r\n")
     try:
-        ws = websocket.create_connection(url, header=[f"Authorization: Bearer {api_key}"],
-                                         timeout=HANDSHAKE_TIMEOUT, enable_multithread=False)
-    except websocket.WebSocketBadStatusException as error:
-        raise refused(error.status_code, error.resp_body) from None
-    except socket.gaierror:
-        raise Fatal(f"cannot resolve {host}: check your network or OPENAI_BASE_URL",
-                    Exit.NETWORK, retry=True) from None
-    except ssl.SSLError as error:
-        raise Fatal(f"TLS with {host} failed ({error.reason or error}); on macOS with python.org's "
-                    "Python, run 'Install Certificates.command'", Exit.TLS) from None
-    except (OSError, websocket.WebSocketException) as error:
-        raise Fatal(f"cannot connect to {host}: {error or type(error).__name__}; check your "
-                    "network or OPENAI_BASE_URL", Exit.NETWORK, retry=True) from None
-    assert ws.sock is not None
-    return ws.sock
+        status = int(status_line.split(" ", 2)[1])
+    except (IndexError, ValueError):
+        status = 0
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
 
 
-def refused(status: int, body: bytes | str | None) -> Fatal:
-    text = body.decode(errors="replace") if isinstance(body, bytes) else body or ""
+def refused(host: str, status: int, headers: dict[str, str], body: bytes) -> Fatal:
+    """An HTTP answer other than the upgrade, as one line: the API's own error message when it
+    sent one; a web page (a captive portal, a proxy's block page) named as such, never dumped."""
+    text = body.decode(errors="replace")
+    if "html" in headers.get("content-type", "") or text.lstrip()[:1] == "<":
+        return Fatal(f"{host} answered with a web page (HTTP {status}), not the Realtime API: a "
+                     "captive portal, proxy or firewall is in the way; sign in to the network, "
+                     "or check OPENAI_BASE_URL and https_proxy", Exit.NETWORK, retry=True)
     try:
         error = json.loads(text)["error"]
         message, code = error["message"], error.get("code")
@@ -761,6 +1029,139 @@ def refused(status: int, body: bytes | str | None) -> Fatal:
     retry = (status == 429 and code not in FATAL_ERRORS) or status >= 500
     return Fatal(f"the API refused the connection (HTTP {status}): {message} — {hint}", exit_code,
                  retry)
+
+
+# --- Staying connected ---------------------------------------------------------------------------
+
+class Link:
+    """The line to the API across sessions. It opens each connection, retries with jittered
+    backoff when one drops, pings a quiet one, and rolls over to a new session before the
+    60-minute limit. The conversation sends through it, tells it when a session is configured,
+    and hears from `tick()` when a connection was lost."""
+
+    def __init__(self, config: Config, display: Display) -> None:
+        self.url, self.api_key, self.keepalive = config.url, config.api_key, config.keepalive
+        self.display = display
+        self.connection: Connection | None = None
+        self.addresses: list[Address] = []  # resolved once, reused by reconnects
+        self.sessions = 0  # how many sessions were configured; a failure before the first is final
+        self.ready = False  # this session is configured: the microphone may go to it
+        self.expires_at: float | None = None  # monotonic deadline of the 60-minute limit
+        self.reconnect_at: float | None = None
+        self.tries = 0
+        self.rolling_over = False
+
+    def open(self, now: float) -> None:
+        self.connection = Connection(self.url, self.api_key, self.addresses, now)
+        self.ready = False
+
+    def send(self, event: dict[str, Any]) -> None:
+        if self.connection is not None and self.connection.phase == "open" \
+                and not self.connection.dropped:
+            self.connection.send(event)
+
+    def session_created(self, expires_at: Any) -> None:
+        if isinstance(expires_at, (int, float)) and expires_at > 0:
+            self.expires_at = time.monotonic() + expires_at - time.time()
+
+    def configured(self) -> bool:
+        """session.updated arrived; True the first time for this connection."""
+        if self.ready:
+            return False
+        self.ready, self.tries = True, 0
+        self.sessions += 1
+        if self.connection is not None:
+            self.addresses = self.connection.resolved
+        return True
+
+    def tick(self, now: float, at_pause: bool) -> str | None:
+        """Deadlines, reconnecting, keepalive pings and the rollover. Returns why the connection
+        was lost, when it was."""
+        connection = self.connection
+        if connection is None:
+            if self.reconnect_at is not None and now >= self.reconnect_at:
+                self.reconnect_at = None
+                self.open(now)
+            return None
+        connection.check_deadline(now)
+        if connection.phase == "open" and not connection.dropped:
+            self._keep_alive(connection, now, at_pause)
+        connection.flush()
+        return self._lost(now) if connection.dropped else None
+
+    def _keep_alive(self, connection: Connection, now: float, at_pause: bool) -> None:
+        if not self.ready and now - connection.started > 2 * HANDSHAKE_TIMEOUT:
+            connection.dropped = "the API accepted the connection but started no session"
+        elif connection.ping_sent is not None:
+            if now - connection.ping_sent > self.keepalive:
+                connection.dropped = f"the API did not answer for {self.keepalive:.0f} s"
+        elif now - connection.last_heard > self.keepalive:
+            connection.ping()
+        if self.expires_at is not None and self.ready and (
+                now > self.expires_at - 5 or (now > self.expires_at - ROLLOVER_MARGIN and at_pause)):
+            self.rolling_over = True
+            connection.close(wait=False)  # politely, with 1000
+            connection.dropped = "the session is about to expire"
+
+    def _lost(self, now: float) -> str:
+        assert self.connection is not None
+        connection, self.connection, self.ready = self.connection, None, False
+        connection.close(wait=False)
+        reason = connection.dropped or ""
+        if connection.failure is not None:
+            self.addresses = []  # resolve again: the name may point elsewhere now
+            if self.sessions == 0 or not connection.failure.retry:
+                raise connection.failure
+        if self.rolling_over or connection.close_code == 1001:
+            self.rolling_over = False
+            self.reconnect_at = now
+            self.display.info("starting a new session (the 60-minute limit); the model keeps "
+                              "the conversation")
+        else:
+            self._retry_later(reason, now)
+        return reason
+
+    def _retry_later(self, reason: str, now: float) -> None:
+        self.tries += 1
+        if self.tries > RECONNECT_TRIES:
+            raise Fatal(f"{reason}; gave up after {RECONNECT_TRIES} tries to reconnect",
+                        Exit.CLOSED)
+        delay = min(0.5 * 2 ** (self.tries - 1), 8.0) * random.uniform(0.5, 1.0)
+        self.reconnect_at = now + delay
+        self.display.warn(f"{reason}; reconnecting in {delay:.1f} s (try {self.tries} of "
+                          f"{RECONNECT_TRIES}); the microphone is paused")
+
+    def next_timer(self, now: float) -> float | None:
+        """When tick() has something to do next."""
+        connection = self.connection
+        if connection is None:
+            return self.reconnect_at
+        if connection.phase != "open":
+            return connection.deadline
+        heard = connection.ping_sent or connection.last_heard
+        timers = [heard + self.keepalive]
+        if not self.ready:
+            timers.append(connection.started + 2 * HANDSHAKE_TIMEOUT)
+        if self.expires_at is not None:
+            rollover = self.expires_at - ROLLOVER_MARGIN
+            timers.append(rollover if now < rollover else now + 0.25)
+        return min(timers)
+
+    def status(self, now: float) -> str | None:
+        """What the status line says while there is no configured session."""
+        connection = self.connection
+        if connection is None:
+            wait = max((self.reconnect_at or now) - now, 0)
+            return f"reconnecting in {wait:.0f} s (try {self.tries} of {RECONNECT_TRIES})"
+        if self.ready:
+            return None
+        what = {"resolving": "looking up", "connecting": "connecting to", "proxy": "via proxy to",
+                "tls": "TLS with", "upgrading": "waiting for", "open": "starting a session with"}
+        return f"{what[connection.phase]} {connection.host}… {now - connection.started:.0f} s"
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
 
 
 # --- Output ---------------------------------------------------------------------------------------
@@ -935,20 +1336,14 @@ class Conversation:
 
     def __init__(self, config: Config, recorder: Sox, player: Player, display: Display) -> None:
         self.config = config
-        self.connection: Connection | None = None
-        self.sessions = 0  # how many sessions were configured; the first one greets
+        self.link = Link(config, display)
         self.history: list[Turn] = []
-        self.expires_at: float | None = None  # monotonic deadline of the 60-minute limit
-        self.reconnect_at: float | None = None
-        self.tries = 0
-        self.rolling_over = False
         self.ending: str | None = None  # why we stop once the received audio has played
         self.restarted: set[str] = set()  # sox roles restarted once already
         self.warned_cost = False
         self.recorder = recorder
         self.player = player
         self.display = display
-        self.ready = False  # session.updated arrived: start sending the microphone
         self.mic = bytearray()
         self.mic_ms_uncommitted = 0.0
         self.response_active = False
@@ -957,89 +1352,28 @@ class Conversation:
         self.transcripts: dict[str, str] = {}  # assistant words so far, per item
         self.total = Usage()
 
-    # The connection's life
-    def connect(self) -> None:
-        """Open a session. Blocking, so it runs at start or while nothing plays."""
-        self.connection = Connection(self.config.url, self.config.api_key)
-        self.ready = False
-        self.mic.clear()
-
     def send(self, event: dict[str, Any]) -> None:
-        if self.connection is not None and not self.connection.dropped:
-            self.connection.send(event)
+        self.link.send(event)
 
-    def on_dropped(self, now: float) -> None:
-        """The connection is gone: roll over at once, or retry with backoff."""
-        assert self.connection is not None
-        reason = self.connection.dropped or ""
-        expired = self.rolling_over or self.connection.close_code == 1001
+    def tick(self, now: float) -> None:
+        """Timers: the end after the last words, and the link's (see Link.tick)."""
+        if self.ending and not self.player.busy(now):  # the last words play to their end
+            raise Stop(self.ending)
+        if self.link.tick(now, self.at_turn_boundary(now)) is not None:
+            self.on_connection_lost()
+
+    def next_timer(self, now: float) -> float | None:
+        """When tick() has something to do next."""
+        return self.player.audible_until() if self.ending else self.link.next_timer(now)
+
+    def on_connection_lost(self) -> None:
+        """The link reconnects; what was said so far is kept for the next session."""
         for turn in self.history[-5:]:  # a reply cut off mid-way still plays to its end
             if turn.role == "assistant" and not turn.text:
                 turn.text = self.transcripts.get(turn.item_id, "").strip()
         self.display.end_line()
-        self.connection.close(wait=False)
-        self.connection, self.ready = None, False
         self.response_active = self.user_speaking = False
-        if expired:
-            self.rolling_over = False
-            self.reconnect_at = now
-            self.display.info("starting a new session (the 60-minute limit); the model keeps "
-                              "the conversation")
-        else:
-            self.retry_later(reason, now)
-
-    def retry_later(self, reason: str, now: float) -> None:
-        self.tries += 1
-        if self.tries > RECONNECT_TRIES:
-            raise Fatal(f"{reason}; gave up after {RECONNECT_TRIES} tries to reconnect",
-                        Exit.CLOSED)
-        delay = min(0.5 * 2 ** (self.tries - 1), 8.0) * random.uniform(0.5, 1.0)
-        self.reconnect_at = now + delay
-        self.display.warn(f"{reason}; reconnecting in {delay:.1f} s (try {self.tries} of "
-                          f"{RECONNECT_TRIES}); the microphone is paused")
-
-    def tick(self, now: float) -> None:
-        """Timers: reconnecting, keepalive pings, and the rollover before the 60-minute limit."""
-        if self.ending and not self.player.busy(now):  # the last words play to their end
-            raise Stop(self.ending)
-        if self.connection is None:
-            if self.reconnect_at is not None and now >= self.reconnect_at \
-                    and not self.player.busy(now):  # let received audio finish first
-                self.reconnect_at = None
-                try:
-                    self.connect()
-                except Fatal as failure:
-                    if not failure.retry:
-                        raise
-                    self.retry_later(str(failure), now)
-            return
-        connection = self.connection
-        if connection.ping_sent is not None:
-            if now - connection.ping_sent > self.config.keepalive:
-                connection.dropped = f"the API did not answer for {self.config.keepalive:.0f} s"
-        elif now - connection.last_heard > self.config.keepalive:
-            connection.ping()
-        if self.expires_at is not None and self.ready and (
-                now > self.expires_at - 5 or (now > self.expires_at - ROLLOVER_MARGIN
-                                              and self.at_turn_boundary(now))):
-            self.rolling_over = True
-            connection.close(wait=False)  # politely, with 1000
-            connection.dropped = "the session is about to expire"
-
-    def next_timer(self, now: float) -> float | None:
-        """When tick() has something to do next."""
-        if self.ending:
-            return self.player.audible_until()
-        if self.connection is None:
-            if self.reconnect_at is None:
-                return None
-            return max(self.reconnect_at, self.player.audible_until())
-        heard = self.connection.ping_sent or self.connection.last_heard
-        timers = [heard + self.config.keepalive]
-        if self.expires_at is not None:
-            rollover = self.expires_at - ROLLOVER_MARGIN
-            timers.append(rollover if now < rollover else now + 0.25)
-        return min(timers)
+        self.mic.clear()
 
     def on_sox_died(self, sox: Sox) -> None:
         """A sox process stopped (sox exits 0 when the audio server goes away: its stderr says
@@ -1056,10 +1390,9 @@ class Conversation:
 
     def status(self, now: float) -> str:
         """The status line: what is happening, what it cost, how long this session has left."""
-        if self.connection is None:
-            state = f"reconnecting (try {self.tries} of {RECONNECT_TRIES})"
-        elif not self.ready:
-            state = "connecting"
+        state = self.link.status(now)
+        if state is not None:
+            pass
         elif self.player.busy(now):
             state = "assistant speaking" + (" (microphone muted)" if self.config.duplex == "half"
                                             else "")
@@ -1069,8 +1402,8 @@ class Conversation:
         if self.config.max_cost is not None:
             cost += f" of ${self.config.max_cost:.2f}"
         parts = [state, cost]
-        if self.expires_at is not None:
-            parts.append(f"{max(self.expires_at - now, 0) / 60:.0f} min left in this session")
+        if self.link.expires_at is not None:
+            parts.append(f"{max(self.link.expires_at - now, 0) / 60:.0f} min left in this session")
         return " · ".join(parts)
 
     def at_turn_boundary(self, now: float) -> bool:
@@ -1114,17 +1447,13 @@ class Conversation:
 
     # Session
     def on_session_created(self, event: dict[str, Any]) -> None:
-        expires_at = (event.get("session") or {}).get("expires_at")
-        if isinstance(expires_at, (int, float)) and expires_at > 0:
-            self.expires_at = time.monotonic() + expires_at - time.time()
+        self.link.session_created((event.get("session") or {}).get("expires_at"))
         self.send({"type": "session.update", "session": session_config(self.config)})
 
     def on_session_updated(self, event: dict[str, Any]) -> None:
-        if self.ready:
+        if not self.link.configured():
             return
-        self.ready, self.tries = True, 0
-        self.sessions += 1
-        if self.sessions > 1:
+        if self.link.sessions > 1:
             self.display.info(f"connected again; the model was told the last {self.replay()} "
                               "turns")
             return
@@ -1140,7 +1469,7 @@ class Conversation:
             raise Fatal(f"the API ended the session: {error.get('message')} ({code})",
                         FATAL_ERRORS[code])
         if code == "session_expired":
-            self.rolling_over = True  # the server closes next; a new session follows at once
+            self.link.rolling_over = True  # the server closes next; a new session follows at once
             return
         self.display.warn(f"the API reported {code or error.get('type')}: {error.get('message')}")
 
@@ -1271,7 +1600,7 @@ class Conversation:
 
     def on_microphone(self, audio: bytes) -> None:
         """Recorder bytes → 20 ms appends (sox delivers 4096-byte pieces on Linux)."""
-        if not self.ready or self.ending:
+        if not self.link.ready or self.ending:
             return  # no session configured (yet, or while reconnecting): the audio is dropped
         now = time.monotonic()
         if self.config.duplex == "half" and (
@@ -1287,7 +1616,7 @@ class Conversation:
             self.mic_ms_uncommitted += len(frame) * 1000 / BYTES_PER_SECOND
 
     def on_typed_line(self, line: str) -> None:
-        if not self.ready:
+        if not self.link.ready:
             self.display.warn("not connected yet; type again in a moment")
             return
         if line.strip():
@@ -1373,21 +1702,36 @@ class Stop(Exception):
     """A normal, clean end: Ctrl-C, SIGTERM, SIGHUP, or the --max-cost budget (with a reason)."""
 
 
+EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def ignore_exit_signals() -> None:
+    """Once the script is on its way out, a second Ctrl-C must not cut the way short. SIG_IGN,
+    unlike a Python handler, also stays in force while the interpreter shuts down."""
+    for sig in EXIT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_starting_up(signum: int, frame: Any) -> None:
+    """Before the loop runs, a signal ends start-up the ordinary way, once."""
+    ignore_exit_signals()
+    raise KeyboardInterrupt
+
+
 def run(config: Config, display: Display) -> None:
     recorder = start_recorder(config.plumbing)
     player = Player(config.plumbing)
     conversation = Conversation(config, recorder, player, display)
     try:
-        conversation.connect()
+        conversation.link.open(time.monotonic())  # the loop takes each step of the opening
         try:
             loop(conversation)
         finally:
             display.totals(conversation.total)
     finally:
-        recorder.kill(signal.SIGTERM)
-        player.sox.kill(signal.SIGKILL)
-        if conversation.connection is not None:
-            conversation.connection.close()
+        conversation.recorder.kill(signal.SIGTERM)
+        conversation.player.sox.kill(signal.SIGKILL)
+        conversation.link.close()
 
 
 def loop(conversation: Conversation) -> None:
@@ -1399,7 +1743,7 @@ def loop(conversation: Conversation) -> None:
     wakeup_w.setblocking(False)
     # Signals only write a byte to this socket (like asciinema's pty loop); the loop does the rest.
     signal.set_wakeup_fd(wakeup_w.fileno())
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in EXIT_SIGNALS:
         signal.signal(sig, lambda signum, frame: None)
     selector.register(wakeup_r, selectors.EVENT_READ, "signal")
     conversation.recorder.watch(selector)
@@ -1412,19 +1756,21 @@ def loop(conversation: Conversation) -> None:
     if terminal:
         tty.setcbreak(sys.stdin, termios.TCSANOW)  # no echo, no line editing; Ctrl-C still works
     display.start()
-    watched: socket.socket | None = None  # the connection's socket, which changes on reconnect
+    # What the connection waits on changes with each step (resolver, socket, TLS socket) and with
+    # each new connection: (connection, phase, fd, events), registered again whenever it changes.
+    watched: tuple[Connection, str, int, int] | None = None
     try:
         while True:
-            connection = conversation.connection
-            if watched is not None and (connection is None or connection.sock is not watched):
-                selector.unregister(watched)
-                watched = None
-            if connection is not None and watched is None:
-                watched = connection.sock
-                selector.register(watched, selectors.EVENT_READ, "socket")
-            if connection is not None:
-                selector.modify(connection.sock, selectors.EVENT_READ
-                                | (selectors.EVENT_WRITE if connection.outbox else 0), "socket")
+            connection = conversation.link.connection
+            fileobj = connection.fileobj() if connection is not None else None
+            wanted = None if connection is None or fileobj is None else \
+                (connection, connection.phase, fileobj.fileno(), connection.events())
+            if wanted != watched:
+                if watched is not None:
+                    selector.unregister(watched[2])
+                if wanted is not None:
+                    selector.register(wanted[2], wanted[3], "connection")
+                watched = wanted
             now = time.monotonic()
             timers = [t for t in (conversation.player.next_wakeup(now),
                                   conversation.next_timer(now)) if t is not None]
@@ -1437,9 +1783,10 @@ def loop(conversation: Conversation) -> None:
                     continue  # a sox process replaced earlier in this same round
                 if what == "signal":
                     if wakeup_r.recv(64):
+                        ignore_exit_signals()  # the way out must not be cut short by another
                         raise Stop
-                elif what == "socket" and connection is not None:
-                    for opcode, payload in connection.receive():
+                elif what == "connection" and connection is not None:
+                    for opcode, payload in connection.on_ready():
                         event = decode_event(opcode, payload, display)
                         if event is not None:
                             conversation.handle(event)
@@ -1460,10 +1807,6 @@ def loop(conversation: Conversation) -> None:
                         conversation.on_sox_died(what)
             now = time.monotonic()
             conversation.tick(now)
-            if conversation.connection is not None:
-                conversation.connection.flush()
-                if conversation.connection.dropped:
-                    conversation.on_dropped(now)
             conversation.player.pump(now)
             display.refresh(conversation.status(now))
     finally:
@@ -1596,8 +1939,8 @@ def decibels(level: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     display = Display(secret="")
-    # Until the loop takes over, Ctrl-C and SIGTERM end start-up the ordinary Python way.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for sig in EXIT_SIGNALS:  # until the loop takes over
+        signal.signal(sig, stop_starting_up)
     try:
         env_file = Path.cwd() / ".env"
         load_dotenv(env_file, override=False)  # a variable already set wins over the file
@@ -1623,6 +1966,8 @@ def main(argv: list[str] | None = None) -> int:
         display.fatal(f"internal error ({type(error).__name__}: {error}); please report it, "
                       "with the traceback from REALTIME_DEBUG=1")
         return Exit.BUG
+    finally:
+        ignore_exit_signals()
     return Exit.OK
 
 

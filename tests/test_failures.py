@@ -123,7 +123,8 @@ def test_host_unreachable(run_client):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     client = run_client(None, env={"OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1"})
-    assert_one_clean_line(client, 9, "cannot connect to 127.0.0.1", "check your network")
+    assert_one_clean_line(client, 9, f"cannot reach 127.0.0.1:{port} (Connection refused)",
+                          "check your network")
 
 
 def test_tls_failure(run_client):
