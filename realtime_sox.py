@@ -84,7 +84,7 @@ PRICES: dict[str, Prices] = {
 
 
 # Keeping a conversation alive (see Link).
-HANDSHAKE_TIMEOUT = 10  # s for each step of opening a connection, and again for the session
+CONNECT_TIMEOUT = 10  # s to open a connection (all its steps), and as long again for the session
 RECONNECT_TRIES = 6  # with jittered backoff 0.5, 1, 2, 4, 8, 8 s: about 20 s in all
 ROLLOVER_MARGIN = 60  # s before the 60-minute limit: start a new session at the next pause
 REPLAY_TURNS, REPLAY_CHARS = 40, 16_000  # how much of the conversation a new session is told
@@ -147,6 +147,7 @@ class Config:
     noise_reduction: str
     duplex: str
     keepalive: float
+    connect_timeout: float
     prices: Prices | None
     max_cost: float | None
     log: TranscriptLog
@@ -196,6 +197,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--keepalive", type=float, default=env("REALTIME_KEEPALIVE", "15"),
         help="ping the API after this many silent seconds, and reconnect when it does not answer "
              "within as many more [env REALTIME_KEEPALIVE; default %(default)s]")
+    add("--connect-timeout", type=float, default=env("REALTIME_CONNECT_TIMEOUT", str(CONNECT_TIMEOUT)),
+        metavar="SECONDS",
+        help="give up opening a connection after this long: name lookup, TCP, TLS and the "
+             "WebSocket upgrade together [env REALTIME_CONNECT_TIMEOUT; default %(default)s]")
     add("--input-device", default=env("REALTIME_INPUT_DEVICE", ""),
         help="microphone to use instead of the default: a PulseAudio source name on Linux "
              "(pactl list short sources), a CoreAudio device name on macOS "
@@ -215,6 +220,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          f"of {', '.join(map(str, action.choices))}")
     if args.vad_threshold is not None and not 0 <= args.vad_threshold <= 1:
         parser.error("--vad-threshold must be between 0 and 1")
+    if args.connect_timeout <= 0 or args.keepalive <= 0:
+        parser.error("--connect-timeout and --keepalive must be more than 0 seconds")
     if args.voice not in VOICES:
         parser.error(f"--voice must be one of {', '.join(VOICES)}")
     return args
@@ -282,8 +289,8 @@ def load_config(args: argparse.Namespace, env_file: Path) -> Config:
         instructions=args.instructions, transcription_model=args.transcription_model,
         turn_detection=args.turn_detection, vad_threshold=args.vad_threshold,
         noise_reduction=args.noise_reduction, duplex=args.duplex, keepalive=args.keepalive,
-        prices=prices, max_cost=args.max_cost, log=TranscriptLog(args.log),
-        plumbing=plumbing_for(args))
+        connect_timeout=args.connect_timeout, prices=prices, max_cost=args.max_cost,
+        log=TranscriptLog(args.log), plumbing=plumbing_for(args))
 
 
 def prices_for(model: str) -> Prices | None:
@@ -629,15 +636,16 @@ class Connection:
     MAX_MESSAGE = 32 * 1024 * 1024
     MAX_ANSWER = 64 * 1024  # an HTTP answer's head and error body; a portal's page can be long
 
-    def __init__(self, url: str, api_key: str, addresses: list[Address], now: float) -> None:
-        self.url, self.api_key = url, api_key
+    def __init__(self, url: str, api_key: str, addresses: list[Address], timeout: float,
+                 now: float) -> None:
+        self.url, self.api_key, self.timeout = url, api_key, timeout
         self.host, self.port, self.resource, secure = websocket._url.parse_url(url)
         proxy_host, proxy_port, self.proxy_auth = websocket._url.get_proxy_info(self.host, secure)
         self.proxy = (proxy_host, int(proxy_port or 80)) if proxy_host else None
         self.secure = secure
         self.phase = "resolving"
         self.started = now
-        self.deadline = now + HANDSHAKE_TIMEOUT
+        self.deadline = now + timeout
         self.resolver: subprocess.Popen[bytes] | None = None
         self.addresses = list(addresses)  # still to try
         self.resolved = list(addresses)  # for the next connection: DNS once, not per reconnect
@@ -682,15 +690,15 @@ class Connection:
 
     def check_deadline(self, now: float) -> None:
         if self.phase != "open" and not self.dropped and now > self.deadline:
-            self._fail(self._timed_out())
+            self.fail(self._timed_out())
 
     def _step(self, step: Callable[[], None]) -> None:
         try:
             step()
         except Fatal as failure:
-            self._fail(failure)
+            self.fail(failure)
 
-    def _fail(self, failure: Fatal) -> None:
+    def fail(self, failure: Fatal) -> None:
         self.failure, self.dropped = failure, str(failure)
         self.close(wait=False)
 
@@ -856,7 +864,7 @@ class Connection:
                      "check OPENAI_BASE_URL", Exit.NETWORK, retry=True)
 
     def _timed_out(self) -> Fatal:
-        seconds = f"within {HANDSHAKE_TIMEOUT} s"
+        seconds = f"within {self.timeout:g} s"
         name = self.proxy[0] if self.proxy and self.phase == "resolving" else self.host
         if self.phase == "tls":
             return Fatal(f"TLS with {self.host} did not finish {seconds}: something between "
@@ -1041,6 +1049,7 @@ class Link:
 
     def __init__(self, config: Config, display: Display) -> None:
         self.url, self.api_key, self.keepalive = config.url, config.api_key, config.keepalive
+        self.timeout = config.connect_timeout
         self.display = display
         self.connection: Connection | None = None
         self.addresses: list[Address] = []  # resolved once, reused by reconnects
@@ -1052,7 +1061,7 @@ class Link:
         self.rolling_over = False
 
     def open(self, now: float) -> None:
-        self.connection = Connection(self.url, self.api_key, self.addresses, now)
+        self.connection = Connection(self.url, self.api_key, self.addresses, self.timeout, now)
         self.ready = False
 
     def send(self, event: dict[str, Any]) -> None:
@@ -1090,8 +1099,10 @@ class Link:
         return self._lost(now) if connection.dropped else None
 
     def _keep_alive(self, connection: Connection, now: float, at_pause: bool) -> None:
-        if not self.ready and now - connection.started > 2 * HANDSHAKE_TIMEOUT:
-            connection.dropped = "the API accepted the connection but started no session"
+        if not self.ready and now - connection.started > 2 * self.timeout:
+            connection.fail(Fatal(f"{connection.host} accepted the WebSocket but started no "
+                                  f"session within {2 * self.timeout:g} s: try again later",
+                                  Exit.CLOSED, retry=True))
         elif connection.ping_sent is not None:
             if now - connection.ping_sent > self.keepalive:
                 connection.dropped = f"the API did not answer for {self.keepalive:.0f} s"
@@ -1141,7 +1152,7 @@ class Link:
         heard = connection.ping_sent or connection.last_heard
         timers = [heard + self.keepalive]
         if not self.ready:
-            timers.append(connection.started + 2 * HANDSHAKE_TIMEOUT)
+            timers.append(connection.started + 2 * self.timeout)
         if self.expires_at is not None:
             rollover = self.expires_at - ROLLOVER_MARGIN
             timers.append(rollover if now < rollover else now + 0.25)

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -150,11 +151,12 @@ def base_env(tmp_path: Path, sox_log: SoxLog) -> dict[str, str]:
 
 @pytest.fixture
 def serve() -> Iterator[Any]:
-    """serve(script, refuse=None) starts a fake Realtime server; all are checked and stopped."""
+    """serve(script, refuse=None, tls=None) starts a fake Realtime server; all are checked and stopped."""
     servers: list[FakeRealtime] = []
 
-    def start(script: Script, refuse: tuple[int, str] | None = None) -> FakeRealtime:
-        servers.append(FakeRealtime(script, refuse))
+    def start(script: Script, refuse: tuple[int, str] | None = None,
+              tls: ssl.SSLContext | None = None) -> FakeRealtime:
+        servers.append(FakeRealtime(script, refuse, tls))
         return servers[-1]
 
     yield start

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import itertools
 import json
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -138,9 +139,12 @@ Script = Callable[[Session], Awaitable[None]]
 class FakeRealtime:
     """The server, on its own thread and event loop; `url` is an OPENAI_BASE_URL for it."""
 
-    def __init__(self, script: Script, refuse: tuple[int, str] | None = None) -> None:
+    def __init__(self, script: Script, refuse: tuple[int, str] | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.script = script
         self.refuse = refuse  # (HTTP status, body) to fail the handshake with
+        self.tls = tls  # serve wss:// on localhost with this context
+        self.upgrade_delay: list[float] = []  # seconds to hold the n-th upgrade answer back
         self.received: list[tuple[float, dict[str, Any]]] = []
         self.problems: list[str] = []
         self.request_headers: list[dict[str, str]] = []
@@ -155,6 +159,8 @@ class FakeRealtime:
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"https://localhost:{self.port}/v1"
         return f"http://127.0.0.1:{self.port}/v1"
 
     def events(self, type: str) -> list[dict[str, Any]]:
@@ -170,13 +176,15 @@ class FakeRealtime:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         async with serve(self._handle, "127.0.0.1", 0, process_request=self._check_request,
-                         max_size=None) as server:
+                         max_size=None, ssl=self.tls) as server:
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()
             await self._stop.wait()
 
-    def _check_request(self, ws: ServerConnection, request: Request) -> Response | None:
+    async def _check_request(self, ws: ServerConnection, request: Request) -> Response | None:
         self.request_headers.append(dict(request.headers.raw_items()))
+        if len(self.upgrade_delay) >= len(self.request_headers):
+            await asyncio.sleep(self.upgrade_delay[len(self.request_headers) - 1])
         if self.refuse:
             status, body = self.refuse
             response = ws.respond(status, body)
