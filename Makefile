@@ -35,8 +35,13 @@ $(VENV)/.run: requirements.txt | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
 	@touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
+# uv's cache gets the script's own inline dependencies once, here (online, like pip), so the test
+# of `uv run realtime_sox.py` can run offline.
+$(VENV)/.dev: requirements.txt requirements-dev.txt realtime_sox.py | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install -q -r requirements-dev.txt
+	@UV_CACHE_DIR=$(VENV)/uv-cache $(VENV)/bin/uv run -q --no-config --python $(VENV)/bin/python \
+		realtime_sox.py --help >/dev/null || echo "note: uv could not fetch the script's packages;" \
+		"the uv run test will skip"
 	@touch $@ $(VENV)/.run
 
 sox:

@@ -1,4 +1,12 @@
 #!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "websocket-client==1.9.2",
+#     "python-dotenv==1.2.4",
+#     "rich==15.0.0",
+# ]
+# ///
 """Talk to the OpenAI Realtime API from a terminal, with SoX as microphone and speaker.
 
 A Python port of the TypeScript CLI in "Conversing with AI Using the Newly Released OpenAI Realtime
