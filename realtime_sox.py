@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import re
 import selectors
 import shutil
 import signal
@@ -127,6 +128,7 @@ class Plumbing:
     player_lead_ms: float | None  # how far ahead of the speaker we may write; None: all at once
     startup_ms: float  # how long a reply's first audio waits before playing: a cushion for jitter
     block_bytes: int | None  # the player plays whole blocks only: pad reply ends to this size
+    tail_pad_ms: float  # silence beyond the whole block, for a resampler that holds audio back
     frame_bytes: int | None  # re-frame the microphone into appends of this size; None: as read
     barge_in: bool
     pulse_latency_ms: str | None  # PULSE_LATENCY_MSEC for the player, unless the user set one
@@ -137,9 +139,19 @@ class Plumbing:
 PLUMBING = {
     # --buffer 960: the player plays 40 ms blocks and starts in ~10 ms (with PULSE_LATENCY_MSEC=20)
     # instead of waiting for a 341 ms block; the recorder delivers 4096 B reads, not 8192 B.
-    "tuned": Plumbing(("--buffer", "960"), 60, 40, 960 * 2, FRAME_BYTES, True, "20"),
-    "article": Plumbing((), None, 0, None, None, False, None),
+    "tuned": Plumbing(("--buffer", "960"), 60, 40, 960 * 2, 0, FRAME_BYTES, True, "20"),
+    # macOS. CoreAudio runs the device at its own rate (44.1 or 48 kHz), so sox adds its `rate`
+    # effect, which hands a block of ~830 samples on only when more input arrives: a reply's end
+    # would wait up to 77 ms (80 ms of silence beyond the block frees it), and a 60 ms lead starves
+    # at each reply's start (120 ms does not). Read from sox 14.4.2's src/rate.c and coreaudio.c,
+    # checked through the same resampler here; the cost is a heard_ms 40-60 ms optimistic.
+    "coreaudio": Plumbing(("--buffer", "960"), 120, 40, 960 * 2, 80, FRAME_BYTES, True, None),
+    "article": Plumbing((), None, 0, None, 0, None, False, None),
 }
+DEFAULT_PLUMBING = "coreaudio" if sys.platform == "darwin" else "tuned"
+# Bluetooth outputs force a larger I/O buffer than --buffer 960 fills (a constant crackle).
+BLUETOOTH_NAMES = ("airpods", "bluetooth", "beats", "buds")
+BLUETOOTH_BUFFER = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,9 +230,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
              "(pactl list short sinks), a CoreAudio device name on macOS [env REALTIME_OUTPUT_DEVICE]")
     add("--check-audio", action="store_true",
         help="check the microphone and speakers (no API key needed), then exit")
-    add("--plumbing", choices=sorted(PLUMBING), default=env("REALTIME_PLUMBING", "tuned"),
-        help="'article' moves audio exactly as the article did, for comparison "
-             "[env REALTIME_PLUMBING; default %(default)s]")
+    add("--sox-buffer", type=int, default=env("REALTIME_SOX_BUFFER", "") or None, metavar="SIZE",
+        help="sox's --buffer for both processes; 4096 stops the crackle of Bluetooth outputs "
+             "[env REALTIME_SOX_BUFFER; default 960, or 4096 for an --output-device named like "
+             "AirPods, Beats, Buds or Bluetooth]")
+    add("--list-devices", action="store_true",
+        help="list the microphones and speakers sox can use, then exit")
+    add("--plumbing", choices=sorted(PLUMBING), default=env("REALTIME_PLUMBING", DEFAULT_PLUMBING),
+        help="'article' moves audio exactly as the article did, for comparison; 'coreaudio' "
+             "is macOS's [env REALTIME_PLUMBING; default %(default)s]")
     args = parser.parse_args(argv)
     for action in parser._actions:  # argparse does not check defaults, which come from env
         if action.choices and getattr(args, action.dest) not in action.choices:
@@ -228,6 +246,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          f"of {', '.join(map(str, action.choices))}")
     if args.vad_threshold is not None and not 0 <= args.vad_threshold <= 1:
         parser.error("--vad-threshold must be between 0 and 1")
+    if args.sox_buffer is not None and not 256 <= args.sox_buffer <= 65536:
+        parser.error("--sox-buffer must be between 256 and 65536")
     if args.connect_timeout <= 0 or args.keepalive <= 0:
         parser.error("--connect-timeout and --keepalive must be more than 0 seconds")
     if args.voice not in VOICES:
@@ -282,8 +302,14 @@ def api_key(env_file: Path) -> str:
 
 
 def plumbing_for(args: argparse.Namespace) -> Plumbing:
-    return dataclasses.replace(PLUMBING[args.plumbing], input_device=args.input_device,
-                               output_device=args.output_device)
+    plumbing = dataclasses.replace(PLUMBING[args.plumbing], input_device=args.input_device,
+                                   output_device=args.output_device)
+    size = args.sox_buffer
+    if size is None and any(name in args.output_device.lower() for name in BLUETOOTH_NAMES):
+        size = BLUETOOTH_BUFFER
+    if size is None or plumbing.block_bytes is None:  # the article's plumbing stays as it was
+        return plumbing
+    return dataclasses.replace(plumbing, sox_options=("--buffer", str(size)), block_bytes=size * 2)
 
 
 def load_config(args: argparse.Namespace, env_file: Path) -> Config:
@@ -367,13 +393,17 @@ class Sox:
     def __init__(self, role: str, args: list[str], env_extra: dict[str, str]) -> None:
         self.role, self.args, self.env_extra = role, args, env_extra
         self.selector: selectors.BaseSelector | None = None
-        self.stderr_lines: list[str] = []
+        # Only the last lines: CoreAudio's "buffer overrun" warnings can come every few ms.
+        self.stderr_lines: collections.deque[str] = collections.deque(maxlen=20)
+        self.failed: str | None = None  # the last `sox FAIL` line
         self._stderr_partial = b""
+        environment = {name: value for name, value in os.environ.items()
+                       if name not in SOX_OVERRIDES}
         # Own session: the terminal's Ctrl-C reaches us only, and we stop sox in our own order.
         self.process = subprocess.Popen(
             ["sox", *args], stdin=subprocess.PIPE if role == "player" else subprocess.DEVNULL,
             stdout=subprocess.PIPE if role == "recorder" else subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env={**os.environ, **env_extra}, start_new_session=True)
+            stderr=subprocess.PIPE, env={**environment, **env_extra}, start_new_session=True)
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
             if stream is not None:
                 os.set_blocking(stream.fileno(), False)
@@ -412,16 +442,21 @@ class Sox:
         except BlockingIOError:
             return True
         lines = (self._stderr_partial + chunk).split(b"\n")
-        self._stderr_partial = lines.pop() if chunk else b""
-        self.stderr_lines += [line.decode(errors="replace").strip() for line in lines if line.strip()]
+        self._stderr_partial = lines.pop()[-4096:] if chunk else b""
+        for line in lines:
+            text = line.decode(errors="replace").strip()
+            if text:
+                self.stderr_lines.append(text)
+            if "FAIL" in text:  # only FAIL is fatal; WARN and INFO lines are sox talking
+                self.failed = text
         return bool(chunk)
 
     def failure(self) -> str:
         """sox's own reason, without the ALSA probing noise that precedes it."""
         self.read_stderr_to_end()
-        fails = [line for line in self.stderr_lines if "FAIL" in line]
-        reason = (fails or [line for line in self.stderr_lines if not line.startswith("ALSA lib")]
-                  or [f"exited with code {self.process.poll()}"])[-1]
+        reason = self.failed or ([line for line in self.stderr_lines
+                                  if not line.startswith("ALSA lib")]
+                                 or [f"exited with code {self.process.poll()}"])[-1]
         return f"the sox {self.role} stopped: {reason}"
 
     def read_stderr_to_end(self) -> None:
@@ -445,6 +480,12 @@ class Sox:
                     stream.close()
                 except OSError:  # a player stdin we could not flush: the audio is dropped anyway
                     pass
+
+
+# Variables of the user's environment that would change what the article's commands do.
+SOX_OVERRIDES = ("AUDIODEV", "AUDIODRIVER", "SOX_OPTS")
+SOX_WATCHDOG = 4.0  # s without microphone bytes, or with a player taking none: the device is gone
+UNKNOWN_DEVICE = ("can not open audio device", "No such entity")  # CoreAudio's, PulseAudio's
 
 
 def start_recorder(plumbing: Plumbing) -> Sox:
@@ -503,6 +544,8 @@ class Player:
         self.written = 0  # bytes given to this sox process
         self.clock_start = 0.0
         self.waiting_since: float | None = None  # start-up buffer: first audio of an idle player
+        self.blocked_since: float | None = None  # the pipe has been full since
+        self.padded = True  # the last audio is followed by its padding
 
     def played(self, now: float) -> int:
         return min(self.written, int((now - self.clock_start) * BYTES_PER_SECOND) & ~1)
@@ -533,13 +576,19 @@ class Player:
         self._pad_to_block()
 
     def _pad_to_block(self) -> None:
+        """Silence after the last audio: to the whole block, plus the resampler's tail."""
+        if self.padded:
+            return
         padding = -(self.written + self.queued_bytes) % (self.plumbing.block_bytes or 1)
+        padding += int(self.plumbing.tail_pad_ms * BYTES_PER_SECOND / 1000) & ~1
         if padding:
             self._enqueue(None, bytes(padding))
+        self.padded = True
 
     def _enqueue(self, item: HeardItem | None, audio: bytes) -> None:
         self.queue.append((item, memoryview(audio)))
         self.queued_bytes += len(audio)
+        self.padded = self.padded and item is None
 
     def heard_ms(self, item: HeardItem, now: float) -> int:
         if item.start_offset is None:
@@ -563,7 +612,9 @@ class Player:
             try:
                 count = os.write(fd, audio[:budget])
             except BlockingIOError:
+                self.blocked_since = self.blocked_since or now
                 return
+            self.blocked_since = None
             if self.played(now) >= self.written:  # the player ran dry: its clock restarts now
                 self.clock_start = now - self.written / BYTES_PER_SECOND
             if item is not None:
@@ -594,8 +645,9 @@ class Player:
     def next_wakeup(self, now: float) -> float | None:
         """When the loop should call pump() again."""
         if not self.queue:
-            partial = self._partial_block()
-            return self.clock_start + (self.written - partial) / BYTES_PER_SECOND if partial else None
+            if self.padded:
+                return None
+            return self.clock_start + (self.written - self._partial_block()) / BYTES_PER_SECOND
         if self.waiting_since is not None:
             return self.waiting_since + self.plumbing.startup_ms / 1000
         if self.plumbing.player_lead_ms is None:
@@ -603,13 +655,19 @@ class Player:
         ahead = (self.written - self.played(now)) / BYTES_PER_SECOND
         return now + max(ahead - self.plumbing.player_lead_ms / 2000, 0.005)
 
+    def stalled(self, now: float) -> bool:
+        """All it was given should have played, yet its pipe has stayed full."""
+        return self.blocked_since is not None and self.played(now) >= self.written \
+            and now - self.blocked_since > SOX_WATCHDOG
+
     def stop(self) -> None:
         """Silence now: SIGKILL (SIGTERM lets sox play ~220 ms more), drop the queue, respawn."""
         self.sox = self.sox.restart()
         self.queue.clear()
         self.queued_bytes = self.written = 0
         self.items.clear()
-        self.waiting_since = None
+        self.waiting_since = self.blocked_since = None
+        self.padded = True
 
 
 # --- The connection ------------------------------------------------------------------------------
@@ -1364,6 +1422,7 @@ class Conversation:
         self.player = player
         self.display = display
         self.mic = bytearray()
+        self.mic_heard_at = time.monotonic()  # for the watchdog: a device that vanished is silent
         self.mic_ms_uncommitted = 0.0
         self.response_active = False
         self.user_speaking = False
@@ -1380,10 +1439,26 @@ class Conversation:
             raise Stop(self.ending)
         if self.link.tick(now, self.at_turn_boundary(now)) is not None:
             self.on_connection_lost()
+        self.watch_sox(now)
+
+    def watch_sox(self, now: float) -> None:
+        """A device that disappears (a Bluetooth headset switched off) leaves sox waiting forever
+        without a word: no microphone bytes, or a player that takes none, count as a death."""
+        if now - self.mic_heard_at > SOX_WATCHDOG:
+            self.mic_heard_at = now
+            self.on_sox_died(self.recorder, f"the sox recorder gave no audio for {SOX_WATCHDOG:g} "
+                                            "s (did the microphone go away?)")
+        if self.player.stalled(now):
+            self.on_sox_died(self.player.sox, f"the sox player took no audio for {SOX_WATCHDOG:g} "
+                                              "s (did the speaker go away?)")
 
     def next_timer(self, now: float) -> float | None:
         """When tick() has something to do next."""
-        return self.player.audible_until() if self.ending else self.link.next_timer(now)
+        if self.ending:
+            return self.player.audible_until()
+        link = self.link.next_timer(now)
+        watchdog = self.mic_heard_at + SOX_WATCHDOG + 0.01
+        return watchdog if link is None else min(link, watchdog)
 
     def on_connection_lost(self) -> None:
         """The link reconnects; what was said so far is kept for the next session."""
@@ -1394,10 +1469,15 @@ class Conversation:
         self.response_active = self.user_speaking = False
         self.mic.clear()
 
-    def on_sox_died(self, sox: Sox) -> None:
+    def on_sox_died(self, sox: Sox, reason: str = "") -> None:
         """A sox process stopped (sox exits 0 when the audio server goes away: its stderr says
-        why). Restart it once; if it dies again, give up with its reason."""
-        reason = sox.failure()
+        why), or went quiet. Restart it once; if it fails again, give up with its reason."""
+        reason = reason or sox.failure()
+        device = self.config.plumbing.input_device if sox is self.recorder \
+            else self.config.plumbing.output_device
+        if device and any(sign in (sox.failed or "") for sign in UNKNOWN_DEVICE):
+            raise Fatal(f"{reason}: no {'microphone' if sox is self.recorder else 'speaker'} is "
+                        f"named {device!r}; see --list-devices", Exit.USAGE)
         if sox.role in self.restarted:
             raise Fatal(reason, Exit.AUDIO)
         self.restarted.add(sox.role)
@@ -1619,6 +1699,7 @@ class Conversation:
 
     def on_microphone(self, audio: bytes) -> None:
         """Recorder bytes → 20 ms appends (sox delivers 4096-byte pieces on Linux)."""
+        self.mic_heard_at = time.monotonic()
         if not self.link.ready or self.ending:
             return  # no session configured (yet, or while reconnecting): the audio is dropped
         now = time.monotonic()
@@ -1822,7 +1903,7 @@ def loop(conversation: Conversation) -> None:
                     for line in display.typed(chunk or b""):
                         conversation.on_typed_line(line)
                 elif isinstance(what, Sox):  # stderr: a FAIL line, or EOF as sox exits
-                    if not what.read_stderr() or any("FAIL" in x for x in what.stderr_lines):
+                    if not what.read_stderr() or what.failed:
                         conversation.on_sox_died(what)
             now = time.monotonic()
             conversation.tick(now)
@@ -1855,7 +1936,10 @@ def check_audio(plumbing: Plumbing, display: Display) -> int:
                                 output_device=plumbing.output_device)
     display.info("recording 3 seconds: say something…")
     recording = record(exact, 3.0, display)
-    level = decibels(audio_level(recording))
+    # The loudest second: Apple Silicon microphones can take seconds to wake, and without the
+    # permission CoreAudio gives zeros plus sox's ±1 dither (about -90 dBFS), still "silence".
+    level = decibels(max(audio_level(recording[start:start + BYTES_PER_SECOND])
+                         for start in range(0, len(recording), BYTES_PER_SECOND // 2)))
     if level < -60:
         raise Fatal(f"the microphone recorded silence ({level:.0f} dBFS). On macOS: System Settings → "
                     "Privacy & Security → Microphone → allow your terminal app, then restart it. "
@@ -1899,8 +1983,12 @@ def read_for(recorder: Sox, seconds: float, display: Display | None) -> bytes:
     deadline = time.monotonic() + seconds + 5
     with selectors.DefaultSelector() as selector:
         selector.register(recorder.process.stdout, selectors.EVENT_READ)
+        selector.register(recorder.process.stderr, selectors.EVENT_READ)  # type: ignore[arg-type]
         while len(audio) < seconds * BYTES_PER_SECOND and time.monotonic() < deadline:
-            if not selector.select(0.5):
+            ready = [key.fileobj for key, _ in selector.select(0.5)]
+            if recorder.process.stderr in ready and not recorder.read_stderr():
+                selector.unregister(recorder.process.stderr)
+            if recorder.process.stdout not in ready:
                 continue
             chunk = read_available(recorder.process.stdout.fileno())
             if chunk == b"":
@@ -1916,17 +2004,32 @@ def read_for(recorder: Sox, seconds: float, display: Display | None) -> bytes:
 
 
 def play(plumbing: Plumbing, audio: bytes) -> None:
+    """Play it all and wait for the end, reading sox's stderr meanwhile (a full stderr pipe
+    would stop sox)."""
     player = start_player(plumbing)
-    assert player.process.stdin is not None
-    os.set_blocking(player.process.stdin.fileno(), True)  # no loop to keep responsive here
-    try:
-        player.process.stdin.write(audio)
-        player.process.stdin.close()
-        player.process.wait(len(audio) / BYTES_PER_SECOND + 5)
-    except (BrokenPipeError, subprocess.TimeoutExpired):
-        pass
+    stdin, stderr = player.process.stdin, player.process.stderr
+    assert stdin is not None and stderr is not None
+    left = memoryview(audio)
+    deadline = time.monotonic() + len(audio) / BYTES_PER_SECOND + 5
+    with selectors.DefaultSelector() as selector:
+        selector.register(stdin, selectors.EVENT_WRITE)
+        selector.register(stderr, selectors.EVENT_READ)
+        while player.process.poll() is None and time.monotonic() < deadline:
+            for key, _ in selector.select(0.1):
+                if key.fileobj is stderr and not player.read_stderr():
+                    selector.unregister(stderr)
+                elif key.fileobj is stdin:
+                    try:
+                        left = left[os.write(stdin.fileno(), left):]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:
+                        left = left[:0]
+                    if not left:  # all written: EOF lets sox play its last block and exit
+                        selector.unregister(stdin)
+                        stdin.close()
     player.read_stderr_to_end()
-    failed = player.process.returncode or any("FAIL" in line for line in player.stderr_lines)
+    failed = player.process.returncode or player.failed
     failure = player.failure()
     player.kill()
     if failed:
@@ -1966,6 +2069,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         if shutil.which("sox") is None:
             raise Fatal("sox is not installed: " + sox_install_hint(), Exit.NO_SOX)
+        for name in SOX_OVERRIDES:
+            if os.environ.get(name):
+                display.warn(f"ignoring {name}={os.environ[name]!r} from your environment: it would "
+                             "change the sox commands (use --input-device and --output-device)")
+        if args.list_devices:
+            return list_devices(display)
         if args.check_audio:
             return check_audio(plumbing_for(args), display)
         config = load_config(args, env_file)
@@ -1988,6 +2097,37 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ignore_exit_signals()
     return Exit.OK
+
+
+def list_devices(display: Display) -> int:
+    """The names --input-device and --output-device take: PulseAudio's sources and sinks on
+    Linux; on macOS the CoreAudio devices sox itself finds (it lists them at -V3 while looking
+    for one that does not exist), matched byte for byte and by prefix (AirPods have a curly ’)."""
+    if sys.platform == "darwin":
+        found = run_quietly(["sox", "-V3", "-n", "-t", "coreaudio", "no such device"])
+        names = re.findall(r'Found Audio Device "(.*)"', found)
+        display.out.print("\n".join(dict.fromkeys(names)) or "sox found no CoreAudio device")
+        return Exit.OK if names else Exit.AUDIO
+    if shutil.which("pactl") is None:
+        raise Fatal("pactl is missing: install pulseaudio-utils (or pipewire-pulse) to list devices",
+                    Exit.AUDIO)
+    for kind, flag in (("microphones (sources)", "--input-device"), ("speakers (sinks)",
+                                                                      "--output-device")):
+        listing = run_quietly(["pactl", "list", "short", kind.split("(")[1][:-1]])
+        names = [line.split("\t")[1] for line in listing.splitlines() if "\t" in line]
+        display.out.print(f"{kind}, for {flag}:")
+        display.out.print("\n".join(f"  {name}" for name in names) or "  (none)")
+    return Exit.OK
+
+
+def run_quietly(command: list[str]) -> str:
+    """A short command's output, stdout and stderr together (no loop is running yet)."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10,
+                              env={k: v for k, v in os.environ.items() if k not in SOX_OVERRIDES})
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise Fatal(f"{command[0]} failed: {error}", Exit.AUDIO) from None
+    return done.stdout + done.stderr
 
 
 def sox_install_hint() -> str:

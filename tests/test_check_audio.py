@@ -56,8 +56,18 @@ def test_an_unknown_input_device_fails_with_sox_reason(serve, run_client, real_e
 
     client = run_client(serve(listen), "--input-device", "no_such_microphone",
                         env={"PATH": real_env_path})
-    assert client.finish(15) == 5
+    assert client.finish(15) == 2
     assert "the sox recorder stopped" in client.stderr and "No such entity" in client.stderr
+    assert "no microphone is named 'no_such_microphone'; see --list-devices" in client.stderr
+
+
+@needs_real_audio
+def test_list_devices_names_what_input_and_output_device_take(run_client, real_env_path):
+    client = run_client(None, "--list-devices", env={"OPENAI_API_KEY": None, "PATH": real_env_path})
+    assert client.finish(15) == 0, client.stderr
+    sources, sinks = client.stdout.split("speakers (sinks), for --output-device:")
+    assert "microphones (sources), for --input-device:" in sources
+    assert "  ci_sink.monitor" in sources.splitlines() and "  ci_sink" in sinks.splitlines()
 
 
 @needs_real_audio
