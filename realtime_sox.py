@@ -694,21 +694,21 @@ class Connection:
 
         resolving → connecting (TCP) → proxy (CONNECT, with https_proxy) → tls → upgrading → open
 
-    websocket-client supplies the pieces that do not block: URL and proxy settings, the TLS
-    context, the upgrade request and the check of `Sec-WebSocket-Accept`. Its socket I/O
-    (`create_connection`, `read_headers`) blocks, so reading the HTTP answers and the frames is
-    ours: a half-received answer or frame just waits in `inbox` for the rest."""
+    websocket-client supplies the pieces that do not block: URL and proxy settings, the upgrade
+    request and the check of `Sec-WebSocket-Accept`. Its socket I/O (`create_connection`,
+    `read_headers`) blocks, so reading the HTTP answers and the frames is ours: a half-received
+    answer or frame just waits in `inbox` for the rest. The TLS context is made once, before the
+    loop runs: loading the CA certificates takes ~35 ms, too long for a turn of the loop."""
 
     MAX_MESSAGE = 32 * 1024 * 1024
     MAX_ANSWER = 64 * 1024  # an HTTP answer's head and error body; a portal's page can be long
 
-    def __init__(self, url: str, api_key: str, addresses: list[Address], timeout: float,
-                 now: float) -> None:
-        self.url, self.api_key, self.timeout = url, api_key, timeout
+    def __init__(self, url: str, api_key: str, tls: ssl.SSLContext | None,
+                 addresses: list[Address], timeout: float, now: float) -> None:
+        self.url, self.api_key, self.tls, self.timeout = url, api_key, tls, timeout
         self.host, self.port, self.resource, secure = websocket._url.parse_url(url)
         proxy_host, proxy_port, self.proxy_auth = websocket._url.get_proxy_info(self.host, secure)
         self.proxy = (proxy_host, int(proxy_port or 80)) if proxy_host else None
-        self.secure = secure
         self.phase = "resolving"
         self.started = now
         self.deadline = now + timeout
@@ -852,15 +852,12 @@ class Connection:
 
     # tls
     def _start_tls(self) -> None:
-        if not self.secure:
+        if self.tls is None:
             return self._start_upgrade()
         self.phase = "tls"
         assert self.sock is not None
-        try:
-            self.sock = websocket._http._ssl_socket(self.sock, {"do_handshake_on_connect": False},
-                                                    self.host)
-        except websocket.WebSocketException as error:  # certificates that cannot be loaded
-            raise Fatal(f"TLS setup failed ({error})", Exit.TLS) from None
+        self.sock = self.tls.wrap_socket(self.sock, server_hostname=self.host,
+                                         do_handshake_on_connect=False)
         self._tls_step()
 
     def _tls_step(self) -> None:
@@ -1116,6 +1113,8 @@ class Link:
     def __init__(self, config: Config, display: Display) -> None:
         self.url, self.api_key, self.keepalive = config.url, config.api_key, config.keepalive
         self.timeout = config.connect_timeout
+        # Certificate checks as everywhere (SSL_CERT_FILE is honoured), never switched off.
+        self.tls = ssl.create_default_context() if config.url.startswith("wss:") else None
         self.display = display
         self.connection: Connection | None = None
         self.addresses: list[Address] = []  # resolved once, reused by reconnects
@@ -1127,7 +1126,8 @@ class Link:
         self.rolling_over = False
 
     def open(self, now: float) -> None:
-        self.connection = Connection(self.url, self.api_key, self.addresses, self.timeout, now)
+        self.connection = Connection(self.url, self.api_key, self.tls, self.addresses,
+                                     self.timeout, now)
         self.ready = False
 
     def send(self, event: dict[str, Any]) -> None:
