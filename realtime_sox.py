@@ -485,6 +485,7 @@ class Sox:
 # Variables of the user's environment that would change what the article's commands do.
 SOX_OVERRIDES = ("AUDIODEV", "AUDIODRIVER", "SOX_OPTS")
 SOX_WATCHDOG = 4.0  # s without microphone bytes, or with a player taking none: the device is gone
+MICROPHONE_WAKE = 6.0  # s more before a new recorder's first bytes (Apple Silicon: 2-5 s)
 UNKNOWN_DEVICE = ("can not open audio device", "No such entity")  # CoreAudio's, PulseAudio's
 
 
@@ -1422,7 +1423,8 @@ class Conversation:
         self.player = player
         self.display = display
         self.mic = bytearray()
-        self.mic_heard_at = time.monotonic()  # for the watchdog: a device that vanished is silent
+        # For the watchdog (a device that vanished is silent); a microphone may take seconds to wake.
+        self.mic_heard_at = time.monotonic() + MICROPHONE_WAKE
         self.mic_ms_uncommitted = 0.0
         self.response_active = False
         self.user_speaking = False
@@ -1484,6 +1486,7 @@ class Conversation:
         self.display.warn(f"{reason}; restarting it")
         if sox is self.recorder:
             self.recorder = sox.restart()
+            self.mic_heard_at = time.monotonic() + MICROPHONE_WAKE
         else:
             self.player.stop()
 
@@ -1936,10 +1939,11 @@ def check_audio(plumbing: Plumbing, display: Display) -> int:
                                 output_device=plumbing.output_device)
     display.info("recording 3 seconds: say something…")
     recording = record(exact, 3.0, display)
-    # The loudest second: Apple Silicon microphones can take seconds to wake, and without the
-    # permission CoreAudio gives zeros plus sox's ±1 dither (about -90 dBFS), still "silence".
-    level = decibels(max(audio_level(recording[start:start + BYTES_PER_SECOND])
-                         for start in range(0, len(recording), BYTES_PER_SECOND // 2)))
+    level = loudest_second(recording)
+    if level < -60:  # Apple Silicon microphones can take seconds to wake: give it 3 s more
+        display.info("only silence so far; still listening for 3 seconds…")
+        recording = record(exact, 3.0, display)
+        level = loudest_second(recording)
     if level < -60:
         raise Fatal(f"the microphone recorded silence ({level:.0f} dBFS). On macOS: System Settings → "
                     "Privacy & Security → Microphone → allow your terminal app, then restart it. "
@@ -2051,6 +2055,13 @@ def tone_level(pcm: bytes, frequency: float = 1000) -> float:
         previous, before = sample + coefficient * previous - before, previous
     power = previous * previous + before * before - coefficient * previous * before
     return 2 * math.sqrt(max(power, 0)) / max(len(samples), 1) / 32768
+
+
+def loudest_second(pcm: bytes) -> float:
+    """dBFS of the loudest second. Without the permission, CoreAudio gives zeros plus sox's ±1
+    dither (about -90 dBFS): still silence to this."""
+    return decibels(max(audio_level(pcm[start:start + BYTES_PER_SECOND])
+                        for start in range(0, max(len(pcm), 1), BYTES_PER_SECOND // 2)))
 
 
 def decibels(level: float) -> float:

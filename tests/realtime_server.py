@@ -91,9 +91,10 @@ class Session:
 
     async def reply(self, audio: bytes, transcript: str, speed: float = 10.0,
                     chunk_ms: int = 100, usage: dict[str, Any] | None = None,
-                    stop: asyncio.Event | None = None) -> str:
-        """A whole GA response: deltas of `chunk_ms` audio at `speed` times real time. Returns
-        the assistant item id. Stops early (as a cancelled response) when `stop` is set."""
+                    stop: asyncio.Event | None = None, first_ms: int | None = None) -> str:
+        """A whole GA response: deltas of `chunk_ms` audio (the first one `first_ms`) at `speed`
+        times real time. Returns the assistant item id. Stops early (as a cancelled response)
+        when `stop` is set."""
         response_id, item_id = f"resp_{next(_ids)}", f"item_{next(_ids)}"
         ids = {"response_id": response_id, "item_id": item_id, "output_index": 0}
         await self.send("response.created", response={"id": response_id, "status": "in_progress"})
@@ -101,9 +102,11 @@ class Session:
                         item={"id": item_id, "type": "message", "role": "assistant"})
         await self.send("response.content_part.added", **ids, content_index=0,
                         part={"type": "audio"})
-        chunk = BYTES_PER_SECOND * chunk_ms // 1000
+        bounds = [0, min(BYTES_PER_SECOND * (first_ms or chunk_ms) // 1000, len(audio))]
+        while bounds[-1] < len(audio):
+            bounds.append(min(bounds[-1] + BYTES_PER_SECOND * chunk_ms // 1000, len(audio)))
         words = transcript.split(" ")
-        pieces = max(len(audio) // chunk + (len(audio) % chunk > 0), 1)
+        pieces = len(bounds) - 1
         start = time.monotonic()
         status = "completed"
         for n in range(pieces):
@@ -116,8 +119,9 @@ class Session:
                 await self.send("response.output_audio_transcript.delta", **ids, content_index=0,
                                 delta=(" " if first_word else "") + " ".join(share))
             await self.send("response.output_audio.delta", **ids, content_index=0,
-                            delta=base64.b64encode(audio[n * chunk:(n + 1) * chunk]).decode())
-            await asyncio.sleep(max(start + (n + 1) * chunk_ms / 1000 / speed - time.monotonic(), 0))
+                            delta=base64.b64encode(audio[bounds[n]:bounds[n + 1]]).decode())
+            await asyncio.sleep(max(start + bounds[n + 1] / BYTES_PER_SECOND / speed
+                                    - time.monotonic(), 0))
         await self.send("response.output_audio.done", **ids, content_index=0)
         await self.send("response.output_audio_transcript.done", **ids, content_index=0,
                         transcript=transcript)
