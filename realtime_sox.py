@@ -708,7 +708,8 @@ class Connection:
                  addresses: list[Address], timeout: float, now: float) -> None:
         self.url, self.api_key, self.tls, self.timeout = url, api_key, tls, timeout
         self.host, self.port, self.resource, secure = websocket._url.parse_url(url)
-        proxy_host, proxy_port, self.proxy_auth = websocket._url.get_proxy_info(self.host, secure)
+        proxy_host, proxy_port, self.proxy_auth = (None, 0, None) if is_loopback(self.host) \
+            else websocket._url.get_proxy_info(self.host, secure)  # https_proxy, no_proxy
         self.proxy = (proxy_host, int(proxy_port or 80)) if proxy_host else None
         self.phase = "resolving"
         self.started = now

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import select
 import shutil
 import signal
 import socket
@@ -154,11 +155,6 @@ def test_each_way_opening_fails_has_its_own_line(stub, run_client, behaviour, co
     assert "session: 0 responses" in client.stdout
 
 
-async def handshake_then_wait(session):
-    await session.handshake()
-    await asyncio.sleep(3600)
-
-
 def test_ctrl_c_ends_at_once_during_a_reconnects_backoff(serve, run_client):
     async def script(session):
         await session.handshake()
@@ -224,7 +220,8 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
         pytest.skip("needs the openssl command to make a test certificate")
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,DNS:api.realtime.test",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
 
@@ -292,3 +289,73 @@ def test_a_reconnect_keeps_the_screen_and_the_microphone_alive(serve, base_env, 
     (recorder,) = sox_log.runs("recorder")
     moments = [moment for moment, _, _ in recorder["times"]]
     assert max(b - a for a, b in zip(moments, moments[1:], strict=False)) < 0.3
+
+
+class ConnectProxy:
+    """An HTTP proxy on loopback that tunnels every CONNECT to one local port."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.requests: list[bytes] = []
+        self.seen = bytearray()  # everything the client sent through the tunnel
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += client.recv(4096)
+        self.requests.append(head)
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        try:
+            while True:
+                ready, _, _ = select.select([client, upstream], [], [], 30)
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    if sock is client:
+                        self.seen += data
+                    (upstream if sock is client else client).sendall(data)
+        except OSError:  # the script went away: a reset is the end of the tunnel too
+            return
+        finally:
+            client.close()
+            upstream.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_https_proxy_tunnels_the_connection_and_never_sees_the_key(serve, run_client, tmp_path):
+    cert, key = make_certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    async def script(session):
+        await session.handshake()
+        await session.expect("response.create")
+        await session.reply(b"\x01\x02" * 4800, "Through the tunnel")
+        await asyncio.sleep(3600)
+
+    server = serve(script, tls=context)
+    proxy = ConnectProxy(server.port)
+    try:
+        client = run_client(server, env={"OPENAI_BASE_URL": "https://api.realtime.test/v1",
+                                         "https_proxy": f"http://127.0.0.1:{proxy.port}",
+                                         "SSL_CERT_FILE": str(cert)})
+        client.wait_for("connected")
+        client.type("Hello?")
+        client.wait_for("tokens in")
+        assert client.stop() == 0
+    finally:
+        proxy.close()
+    assert proxy.requests[0].startswith(b"CONNECT api.realtime.test:443 HTTP/1.1\r\n")
+    assert API_KEY.encode() not in bytes(proxy.seen)  # inside TLS, end to end
+    assert "assistant: Through the tunnel" in client.stdout

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from conftest import noise
+from test_failures import handshake_then_wait
 
 
 async def one_reply(session, audio: bytes, speed: float = 1.0):
@@ -50,11 +51,7 @@ def test_coreaudio_resampler_every_reply_heard_to_its_end(serve, run_client, sox
 def test_a_silent_recorder_is_reported_and_restarted(serve, run_client, sox_log, tmp_path):
     (tmp_path / "mic.raw").write_bytes(noise(12.0, seed=22))
 
-    async def listen(session):
-        await session.handshake()
-        await asyncio.sleep(3600)
-
-    server = serve(listen)
+    server = serve(handshake_then_wait)
     client = run_client(server, env={"FAKE_SOX_STALL_RECORDER": "1.0", "FAKE_SOX_DIE_ONCE": "1",
                                      "FAKE_SOX_MIC": str(tmp_path / "mic.raw")})
     client.wait_for("the sox recorder gave no audio for 4 s (did the microphone go away?); "
@@ -89,11 +86,7 @@ def test_a_player_that_takes_no_audio_is_reported_and_restarted(serve, run_clien
 def test_a_flood_of_sox_warnings_never_stops_the_microphone(serve, run_client, sox_log, tmp_path):
     (tmp_path / "mic.raw").write_bytes(noise(4.0, seed=25))
 
-    async def listen(session):
-        await session.handshake()
-        await asyncio.sleep(3600)
-
-    server = serve(listen)
+    server = serve(handshake_then_wait)
     client = run_client(server, env={"FAKE_SOX_WARN_FLOOD": "1",
                                      "FAKE_SOX_MIC": str(tmp_path / "mic.raw")})
     client.wait_for("connected")
@@ -108,11 +101,7 @@ def test_a_flood_of_sox_warnings_never_stops_the_microphone(serve, run_client, s
 
 
 def test_an_unknown_device_name_is_a_usage_error(serve, run_client):
-    async def listen(session):
-        await session.handshake()
-        await asyncio.sleep(3600)
-
-    client = run_client(serve(listen), "--output-device", "Nobody’s AirPods",
+    client = run_client(serve(handshake_then_wait), "--output-device", "Nobody’s AirPods",
                         env={"FAKE_SOX_FAIL_PLAYER": "can not open audio device: Operation not "
                                                      "permitted"})
     assert client.finish(10) == 2
@@ -122,11 +111,7 @@ def test_an_unknown_device_name_is_a_usage_error(serve, run_client):
 
 
 def test_sox_variables_of_the_environment_are_cleared_and_said(serve, run_client, sox_log):
-    async def listen(session):
-        await session.handshake()
-        await asyncio.sleep(3600)
-
-    client = run_client(serve(listen), env={"SOX_OPTS": "--buffer 99999", "AUDIODEV": "hw:9"})
+    client = run_client(serve(handshake_then_wait), env={"SOX_OPTS": "--buffer 99999", "AUDIODEV": "hw:9"})
     client.wait_for("connected")
     assert client.stop() == 0
     assert ("ignoring SOX_OPTS='--buffer 99999' from your environment: it would change the sox "
@@ -139,11 +124,7 @@ def test_sox_variables_of_the_environment_are_cleared_and_said(serve, run_client
 @pytest.mark.parametrize("args, size", [(["--output-device", "Jo’s AirPods Pro"], "4096"),
                                         (["--sox-buffer", "2048"], "2048"), ([], "960")])
 def test_the_sox_buffer_for_bluetooth(serve, run_client, sox_log, args, size):
-    async def listen(session):
-        await session.handshake()
-        await asyncio.sleep(3600)
-
-    client = run_client(serve(listen), *args)
+    client = run_client(serve(handshake_then_wait), *args)
     client.wait_for("connected")
     assert client.stop() == 0
     for run in sox_log.runs("recorder") + sox_log.runs("player"):
