@@ -213,6 +213,8 @@ def test_ctrl_c_ends_at_once_while_the_name_is_looked_up(base_env, tmp_path, sox
     assert process.returncode == 0, err
     assert took < 1.0
     assert b"session: 0 responses" in out and b"Traceback" not in err
+    resolver = subprocess.run(["pgrep", "-f", "found = socket.getaddrinfo"], capture_output=True)
+    assert resolver.returncode == 1, "the name-lookup child outlived the script"
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
