@@ -1231,6 +1231,8 @@ class Link:
         """What the status line says while there is no configured session."""
         connection = self.connection
         if connection is None:
+            if not self.tries:
+                return "starting a new session"
             wait = max((self.reconnect_at or now) - now, 0)
             return f"reconnecting in {wait:.0f} s (try {self.tries} of {RECONNECT_TRIES})"
         if self.ready:
