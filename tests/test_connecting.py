@@ -217,6 +217,21 @@ def test_ctrl_c_ends_at_once_while_the_name_is_looked_up(base_env, tmp_path, sox
     assert resolver.returncode == 1, "the name-lookup child outlived the script"
 
 
+def tls_server(directory: Path) -> tuple[Path, ssl.SSLContext]:
+    """A self-signed certificate for localhost and api.realtime.test, and a server context."""
+    cert, key = make_certificate(directory)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return cert, context
+
+
+async def answer_a_typed_line(session, audio: bytes, words: str):
+    await session.handshake()
+    await session.expect("response.create")
+    await session.reply(audio, words)
+    await asyncio.sleep(3600)
+
+
 def make_certificate(directory: Path) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a test certificate")
@@ -230,17 +245,9 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
 
 def test_a_whole_turn_over_wss_with_a_certificate_trusted_through_ssl_cert_file(
         serve, run_client, tmp_path):
-    cert, key = make_certificate(tmp_path)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-
-    async def script(session):
-        await session.handshake()
-        await session.expect("response.create")
-        await session.reply(b"\x01\x02" * 24000, "Hello over TLS " + "x" * 20000)
-        await asyncio.sleep(3600)
-
-    server = serve(script, tls=context)
+    cert, context = tls_server(tmp_path)
+    server = serve(lambda session: answer_a_typed_line(
+        session, b"\x01\x02" * 24000, "Hello over TLS " + "x" * 20000), tls=context)
     assert server.url.startswith("https://localhost:")  # a name: the resolver child looks it up
     client = run_client(server, env={"SSL_CERT_FILE": str(cert)})
     client.wait_for("connected")
@@ -336,17 +343,9 @@ class ConnectProxy:
 
 
 def test_https_proxy_tunnels_the_connection_and_never_sees_the_key(serve, run_client, tmp_path):
-    cert, key = make_certificate(tmp_path)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-
-    async def script(session):
-        await session.handshake()
-        await session.expect("response.create")
-        await session.reply(b"\x01\x02" * 4800, "Through the tunnel")
-        await asyncio.sleep(3600)
-
-    server = serve(script, tls=context)
+    cert, context = tls_server(tmp_path)
+    server = serve(lambda session: answer_a_typed_line(session, b"\x01\x02" * 4800,
+                                                       "Through the tunnel"), tls=context)
     proxy = ConnectProxy(server.port)
     try:
         client = run_client(server, env={"OPENAI_BASE_URL": "https://api.realtime.test/v1",
