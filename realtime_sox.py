@@ -137,16 +137,18 @@ class Plumbing:
     output_device: str = ""
 
 
+# --buffer 960: the player plays 40 ms blocks and starts in ~10 ms (with PULSE_LATENCY_MSEC=20)
+# instead of waiting for a 341 ms block; the recorder delivers 4096 B reads, not 8192 B.
+TUNED = Plumbing(("--buffer", "960"), 60, 40, 960 * 2, 0, FRAME_BYTES, True, "20")
 PLUMBING = {
-    # --buffer 960: the player plays 40 ms blocks and starts in ~10 ms (with PULSE_LATENCY_MSEC=20)
-    # instead of waiting for a 341 ms block; the recorder delivers 4096 B reads, not 8192 B.
-    "tuned": Plumbing(("--buffer", "960"), 60, 40, 960 * 2, 0, FRAME_BYTES, True, "20"),
+    "tuned": TUNED,
     # macOS. CoreAudio runs the device at its own rate (44.1 or 48 kHz), so sox adds its `rate`
     # effect, which hands a block of ~830 samples on only when more input arrives: a reply's end
     # would wait up to 77 ms (80 ms of silence beyond the block frees it), and a 60 ms lead starves
     # at each reply's start (120 ms does not). Read from sox 14.4.2's src/rate.c and coreaudio.c,
     # checked through the same resampler here; the cost is a heard_ms 40-60 ms optimistic.
-    "coreaudio": Plumbing(("--buffer", "960"), 120, 40, 960 * 2, 80, FRAME_BYTES, True, None),
+    "coreaudio": dataclasses.replace(TUNED, player_lead_ms=120, tail_pad_ms=80,
+                                     pulse_latency_ms=None),
     "article": Plumbing((), None, 0, None, 0, None, False, None),
 }
 DEFAULT_PLUMBING = "coreaudio" if sys.platform == "darwin" else "tuned"
@@ -387,6 +389,17 @@ def session_config(config: Config) -> dict[str, Any]:
 
 # --- The sox processes ---------------------------------------------------------------------------
 
+# Variables of the user's environment that would change what the article's commands do.
+SOX_OVERRIDES = ("AUDIODEV", "AUDIODRIVER", "SOX_OPTS")
+SOX_WATCHDOG = 4.0  # s without microphone bytes, or with a player taking none: the device is gone
+MICROPHONE_WAKE = 6.0  # s more before a new recorder's first bytes (Apple Silicon: 2-5 s)
+UNKNOWN_DEVICE = ("can not open audio device", "No such entity")  # CoreAudio's, PulseAudio's
+
+
+def sox_environment() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name not in SOX_OVERRIDES}
+
+
 class Sox:
     """One sox child. Its stderr is read by the loop: sox exits 0 when the audio server goes away,
     and its `sox FAIL …` line is the only account of why."""
@@ -398,13 +411,12 @@ class Sox:
         self.stderr_lines: collections.deque[str] = collections.deque(maxlen=20)
         self.failed: str | None = None  # the last `sox FAIL` line
         self._stderr_partial = b""
-        environment = {name: value for name, value in os.environ.items()
-                       if name not in SOX_OVERRIDES}
         # Own session: the terminal's Ctrl-C reaches us only, and we stop sox in our own order.
         self.process = subprocess.Popen(
             ["sox", *args], stdin=subprocess.PIPE if role == "player" else subprocess.DEVNULL,
             stdout=subprocess.PIPE if role == "recorder" else subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env={**environment, **env_extra}, start_new_session=True)
+            stderr=subprocess.PIPE, env={**sox_environment(), **env_extra},
+            start_new_session=True)
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
             if stream is not None:
                 os.set_blocking(stream.fileno(), False)
@@ -481,13 +493,6 @@ class Sox:
                     stream.close()
                 except OSError:  # a player stdin we could not flush: the audio is dropped anyway
                     pass
-
-
-# Variables of the user's environment that would change what the article's commands do.
-SOX_OVERRIDES = ("AUDIODEV", "AUDIODRIVER", "SOX_OPTS")
-SOX_WATCHDOG = 4.0  # s without microphone bytes, or with a player taking none: the device is gone
-MICROPHONE_WAKE = 6.0  # s more before a new recorder's first bytes (Apple Silicon: 2-5 s)
-UNKNOWN_DEVICE = ("can not open audio device", "No such entity")  # CoreAudio's, PulseAudio's
 
 
 def start_recorder(plumbing: Plumbing) -> Sox:
@@ -1496,14 +1501,7 @@ class Conversation:
 
     def status(self, now: float) -> str:
         """The status line: what is happening, what it cost, how long this session has left."""
-        state = self.link.status(now)
-        if state is not None:
-            pass
-        elif self.player.busy(now):
-            state = "assistant speaking" + (" (microphone muted)" if self.config.duplex == "half"
-                                            else "")
-        else:
-            state = "hearing you" if self.user_speaking else "listening"
+        state = self.link.status(now) or self.activity(now)
         cost = f"{money(self.total.cost)} so far"
         if self.config.max_cost is not None:
             cost += f" of ${self.config.max_cost:.2f}"
@@ -1511,6 +1509,12 @@ class Conversation:
         if self.link.expires_at is not None:
             parts.append(f"{max(self.link.expires_at - now, 0) / 60:.0f} min left in this session")
         return " · ".join(parts)
+
+    def activity(self, now: float) -> str:
+        if self.player.busy(now):
+            muted = " (microphone muted)" if self.config.duplex == "half" else ""
+            return "assistant speaking" + muted
+        return "hearing you" if self.user_speaking else "listening"
 
     def at_turn_boundary(self, now: float) -> bool:
         return not (self.response_active or self.user_speaking or self.player.busy(now))
@@ -1706,10 +1710,9 @@ class Conversation:
 
     def on_microphone(self, audio: bytes) -> None:
         """Recorder bytes → 20 ms appends (sox delivers 4096-byte pieces on Linux)."""
-        self.mic_heard_at = time.monotonic()
+        now = self.mic_heard_at = time.monotonic()
         if not self.link.ready or self.ending:
             return  # no session configured (yet, or while reconnecting): the audio is dropped
-        now = time.monotonic()
         if self.config.duplex == "half" and (
                 self.player.busy(now) or now < self.player.audible_until() + self.HALF_DUPLEX_TAIL):
             audio = bytes(len(audio))  # the model must not hear its own voice from the speakers
@@ -1934,7 +1937,7 @@ def read_available(fd: int) -> bytes | None:
         return None
 
 
-# --- The audio check: microphone, speakers, echo, no API key needed -------------------------------
+# --- The audio check and the device list: no API key needed ---------------------------------------
 
 def check_audio(plumbing: Plumbing, display: Display) -> int:
     """Record 3 s with a level meter, play it back, then play a tone and listen for it. Uses the
@@ -2072,6 +2075,37 @@ def decibels(level: float) -> float:
     return 20 * math.log10(max(level, 1e-9))
 
 
+def list_devices(display: Display) -> int:
+    """The names --input-device and --output-device take: PulseAudio's sources and sinks on
+    Linux; on macOS the CoreAudio devices sox itself finds (it lists them at -V3 while looking
+    for one that does not exist), matched byte for byte and by prefix (AirPods have a curly ’)."""
+    if sys.platform == "darwin":
+        found = run_quietly(["sox", "-V3", "-n", "-t", "coreaudio", "no such device"])
+        names = re.findall(r'Found Audio Device "(.*)"', found)
+        display.out.print("\n".join(dict.fromkeys(names)) or "sox found no CoreAudio device")
+        return Exit.OK if names else Exit.AUDIO
+    if shutil.which("pactl") is None:
+        raise Fatal("pactl is missing: install pulseaudio-utils (or pipewire-pulse) to list devices",
+                    Exit.AUDIO)
+    for title, kind, flag in (("microphones", "sources", "--input-device"),
+                              ("speakers", "sinks", "--output-device")):
+        listing = run_quietly(["pactl", "list", "short", kind])
+        names = [line.split("\t")[1] for line in listing.splitlines() if "\t" in line]
+        display.out.print(f"{title} ({kind}), for {flag}:")
+        display.out.print("\n".join(f"  {name}" for name in names) or "  (none)")
+    return Exit.OK
+
+
+def run_quietly(command: list[str]) -> str:
+    """A short command's output, stdout and stderr together (no loop is running yet)."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10,
+                              env=sox_environment())
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise Fatal(f"{command[0]} failed: {error}", Exit.AUDIO) from None
+    return done.stdout + done.stderr
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -2112,37 +2146,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ignore_exit_signals()
     return Exit.OK
-
-
-def list_devices(display: Display) -> int:
-    """The names --input-device and --output-device take: PulseAudio's sources and sinks on
-    Linux; on macOS the CoreAudio devices sox itself finds (it lists them at -V3 while looking
-    for one that does not exist), matched byte for byte and by prefix (AirPods have a curly ’)."""
-    if sys.platform == "darwin":
-        found = run_quietly(["sox", "-V3", "-n", "-t", "coreaudio", "no such device"])
-        names = re.findall(r'Found Audio Device "(.*)"', found)
-        display.out.print("\n".join(dict.fromkeys(names)) or "sox found no CoreAudio device")
-        return Exit.OK if names else Exit.AUDIO
-    if shutil.which("pactl") is None:
-        raise Fatal("pactl is missing: install pulseaudio-utils (or pipewire-pulse) to list devices",
-                    Exit.AUDIO)
-    for kind, flag in (("microphones (sources)", "--input-device"), ("speakers (sinks)",
-                                                                      "--output-device")):
-        listing = run_quietly(["pactl", "list", "short", kind.split("(")[1][:-1]])
-        names = [line.split("\t")[1] for line in listing.splitlines() if "\t" in line]
-        display.out.print(f"{kind}, for {flag}:")
-        display.out.print("\n".join(f"  {name}" for name in names) or "  (none)")
-    return Exit.OK
-
-
-def run_quietly(command: list[str]) -> str:
-    """A short command's output, stdout and stderr together (no loop is running yet)."""
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10,
-                              env={k: v for k, v in os.environ.items() if k not in SOX_OVERRIDES})
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise Fatal(f"{command[0]} failed: {error}", Exit.AUDIO) from None
-    return done.stdout + done.stderr
 
 
 def sox_install_hint() -> str:
