@@ -127,7 +127,7 @@ class Plumbing:
     """How audio moves. `tuned` is this project's; `article` reproduces the article for comparison."""
     sox_options: tuple[str, ...]  # global options put in front of the article's arguments
     player_lead_ms: float | None  # how far ahead of the speaker we may write; None: all at once
-    startup_ms: float  # how long a reply's first audio waits before playing: a cushion for jitter
+    startup_ms: float  # the most a reply's first audio waits before playing: a cushion for jitter
     block_bytes: int | None  # the player plays whole blocks only: pad reply ends to this size
     tail_pad_ms: float  # silence beyond the whole block, for a resampler that holds audio back
     frame_bytes: int | None  # re-frame the microphone into appends of this size; None: as read
@@ -537,6 +537,37 @@ class HeardItem:
     complete: bool = False  # `response.output_audio.done` arrived
 
 
+class Cushion:
+    """How long a reply's first audio waits before it plays.
+
+    Audio that arrives at real time needs a cushion against jitter, or each delta lands just as
+    the last one runs out and the reply stutters. Audio that arrives well ahead of real time, as
+    the API sends it, needs none, and the wait only delays the first word. A reply's first delta
+    cannot tell the two apart, so the wait is learned from the reply before: the full cushion,
+    less how far ahead of real time its audio always was."""
+
+    def __init__(self, most_ms: float) -> None:
+        self.most_ms = most_ms
+        self.wait_ms = most_ms  # until a reply has shown how its audio arrives
+        self.item_id = ""
+        self.first_at = 0.0
+        self.received_ms = 0.0
+        self.latest_ms: float | None = None  # how late, at worst, audio came against real time
+
+    def arrived(self, item_id: str, duration_ms: float, now: float) -> None:
+        if item_id != self.item_id:
+            self._learn()
+            self.item_id, self.first_at, self.received_ms, self.latest_ms = item_id, now, 0.0, None
+        else:
+            late_ms = (now - self.first_at) * 1000 - self.received_ms
+            self.latest_ms = late_ms if self.latest_ms is None else max(self.latest_ms, late_ms)
+        self.received_ms += duration_ms
+
+    def _learn(self) -> None:
+        if self.latest_ms is not None:  # a single delta says nothing about the pace
+            self.wait_ms = min(self.most_ms, max(0.0, self.most_ms + self.latest_ms))
+
+
 class Player:
     """Feeds the sox player from our own queue, paced to real time, so we always know what was
     heard and can stop the sound at once. The player's clock starts when audio is written to an
@@ -550,7 +581,9 @@ class Player:
         self.items: dict[str, HeardItem] = {}
         self.written = 0  # bytes given to this sox process
         self.clock_start = 0.0
+        self.cushion = Cushion(plumbing.startup_ms)
         self.waiting_since: float | None = None  # start-up buffer: first audio of an idle player
+        self.startup_wait = 0.0  # seconds
         self.blocked_since: float | None = None  # the pipe has been full since
         self.padded = True  # the last audio is followed by its padding
 
@@ -570,8 +603,9 @@ class Player:
                       or old.start_offset is None or old.start_offset + old.written > played}
         item = self.items.setdefault(item_id, HeardItem(item_id))
         item.received += len(audio)
-        if not self.busy(now):
-            self.waiting_since = now  # the first audio after silence: start the cushion
+        self.cushion.arrived(item_id, len(audio) * 1000 / BYTES_PER_SECOND, now)
+        if not self.busy(now):  # the first audio after silence: wait for the cushion
+            self.waiting_since, self.startup_wait = now, self.cushion.wait_ms / 1000
         self._enqueue(item, audio)
 
     def finish(self, item_id: str) -> None:
@@ -644,7 +678,7 @@ class Player:
             return False
         head = self.queue[0][0] if self.queue else None
         enough = ((head is not None and head.complete)
-                  or now - self.waiting_since >= self.plumbing.startup_ms / 1000)
+                  or now - self.waiting_since >= self.startup_wait)
         if enough:
             self.waiting_since = None
         return not enough
@@ -656,7 +690,7 @@ class Player:
                 return None
             return self.clock_start + (self.written - self._partial_block()) / BYTES_PER_SECOND
         if self.waiting_since is not None:
-            return self.waiting_since + self.plumbing.startup_ms / 1000
+            return self.waiting_since + self.startup_wait
         if self.plumbing.player_lead_ms is None:
             return now + 0.05  # a full pipe: try again shortly
         ahead = (self.written - self.played(now)) / BYTES_PER_SECOND

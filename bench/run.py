@@ -347,7 +347,7 @@ def main() -> None:
         ("gap 1x", "longest gap inside the reply, 1x"),
         ("latency 1x", "playback added latency, delta received → heard, 1x (p50 / p95)"),
         ("start api", "first delta received → heard, API-like delivery (100 ms, then 300 ms "
-                      "deltas at 3x)"),
+                      "deltas at 3x), a run's first reply (later ones: bench/first_sound.py)"),
         ("gap api", "longest gap inside the reply, API-like delivery"),
         ("leftover", "barge-in leftover: audio heard after speech_started"),
         ("truncation", "truncation error: audio_end_ms against the ms actually heard"),

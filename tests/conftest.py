@@ -92,12 +92,12 @@ class Client:
     def stderr(self) -> str:
         return b"".join(self.err).decode()
 
-    def wait_for(self, text: str, timeout: float = 10) -> None:
+    def wait_for(self, text: str, timeout: float = 10, count: int = 1) -> None:
         deadline = time.monotonic() + timeout
-        while text not in self.stdout + self.stderr:
+        while (self.stdout + self.stderr).count(text) < count:
             if time.monotonic() > deadline or self.process.poll() is not None:
                 time.sleep(0.1)
-                if text in self.stdout + self.stderr:
+                if (self.stdout + self.stderr).count(text) >= count:
                     return
                 raise AssertionError(f"{text!r} never showed.\nstdout:\n{self.stdout}\n"
                                      f"stderr:\n{self.stderr}")

@@ -48,6 +48,47 @@ def test_coreaudio_resampler_every_reply_heard_to_its_end(serve, run_client, sox
         assert (len(reply) - len(heard)) * 1000 / 48_000 > 30
 
 
+def heard_at(heard_times, position: int) -> float:
+    """When the byte at `position` of the player's stream was heard."""
+    for moment, length in heard_times:
+        if position < length:
+            return moment
+        position -= length
+    raise AssertionError("never heard")
+
+
+@pytest.mark.parametrize("first_ms, chunk_ms, speed", [(100, 300, 3.0), (100, 100, 1.0)],
+                         ids=["as-the-api-sends", "real-time"])
+def test_the_cushion_is_learned_from_how_the_last_reply_arrived(serve, run_client, sox_log,
+                                                                first_ms, chunk_ms, speed):
+    replies = [noise(0.6, seed=51), noise(0.6, seed=52)]
+    sent_at: list[float] = []
+
+    async def script(session):
+        await session.handshake()
+        for reply in replies:
+            sent_at.append(time.monotonic())  # the first delta follows within a millisecond
+            await session.reply(reply, "A reply", speed=speed, chunk_ms=chunk_ms, first_ms=first_ms)
+            await asyncio.sleep(0.8)  # heard to its end: the next reply starts from silence
+        await asyncio.sleep(3600)
+
+    client = run_client(serve(script))
+    client.wait_for("tokens in", count=2)
+    time.sleep(0.8)
+    assert client.stop() == 0
+    heard, times = sox_log.heard(), sox_log.heard_times()
+    starts = [heard.find(reply[:4800]) for reply in replies]
+    waits = [(heard_at(times, start) - moment) * 1000 for start, moment in zip(starts, sent_at, strict=True)]
+    for start, reply in zip(starts, replies, strict=True):
+        assert heard[start:start + len(reply)] == reply
+        assert longest_gap_ms(times, start, start + len(reply)) <= 15  # never a stutter
+    assert waits[0] >= 30  # nothing known yet: the whole cushion
+    if speed > 1:  # audio ran ahead of real time: the next reply starts at once
+        assert waits[1] <= 20
+    else:  # audio came just in time: the next reply keeps the cushion
+        assert waits[1] >= 30
+
+
 def test_a_silent_recorder_is_reported_and_restarted(serve, run_client, sox_log, tmp_path):
     (tmp_path / "mic.raw").write_bytes(noise(12.0, seed=22))
 
