@@ -14,15 +14,19 @@ import json
 import ssl
 import threading
 import time
+import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from openai.types.realtime import RealtimeClientEvent
+from openai.types.realtime import RealtimeClientEvent, RealtimeServerEvent
 from pydantic import BaseModel, TypeAdapter
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 
 CLIENT_EVENT = TypeAdapter(RealtimeClientEvent)
+# Each server event type's own model, so a complaint names the fields that are wrong.
+SERVER_EVENTS = {typing.get_args(model.model_fields["type"].annotation)[0]: model
+                 for model in typing.get_args(typing.get_args(RealtimeServerEvent)[0])}
 BYTES_PER_SECOND = 48_000
 _ids = itertools.count(1)
 
@@ -69,8 +73,16 @@ class Session:
         self.number = len(server.sessions_received)  # 1 for the first connection, 2 for the next
         self.received = server.sessions_received[-1]
 
-    async def send(self, type: str, **fields: Any) -> None:
-        await self.ws.send(json.dumps({"type": type, "event_id": f"event_{next(_ids)}", **fields}))
+    async def send(self, type: str, checked: bool = True, **fields: Any) -> None:
+        """Send a server event, checked against the openai package's `RealtimeServerEvent`
+        (`checked=False` for the malformed ones a test sends on purpose)."""
+        event = {"type": type, "event_id": f"event_{next(_ids)}", **fields}
+        if checked:
+            try:
+                SERVER_EVENTS[type].model_validate(event)
+            except Exception as error:  # KeyError or pydantic.ValidationError
+                self.server.problems.append(f"the fake sent an invalid {type}: {error!r:.500}")
+        await self.ws.send(json.dumps(event))
 
     async def expect(self, type: str, timeout: float = 10) -> dict[str, Any]:
         """The next client event of this type (others are skipped; all are recorded)."""
@@ -89,6 +101,12 @@ class Session:
         await self.send("session.updated", session=update["session"])
         return update
 
+    async def user_said(self, item_id: str, transcript: str) -> None:
+        """The transcript of the person's words, as the API reports it."""
+        await self.send("conversation.item.input_audio_transcription.completed", item_id=item_id,
+                        content_index=0, transcript=transcript,
+                        usage={"type": "duration", "seconds": 1.0})
+
     async def reply(self, audio: bytes, transcript: str, speed: float = 10.0,
                     chunk_ms: int = 100, usage: dict[str, Any] | None = None,
                     stop: asyncio.Event | None = None, first_ms: int | None = None) -> str:
@@ -99,7 +117,8 @@ class Session:
         ids = {"response_id": response_id, "item_id": item_id, "output_index": 0}
         await self.send("response.created", response={"id": response_id, "status": "in_progress"})
         await self.send("response.output_item.added", response_id=response_id, output_index=0,
-                        item={"id": item_id, "type": "message", "role": "assistant"})
+                        item={"id": item_id, "type": "message", "role": "assistant",
+                              "content": []})
         await self.send("response.content_part.added", **ids, content_index=0,
                         part={"type": "audio"})
         bounds = [0, min(BYTES_PER_SECOND * (first_ms or chunk_ms) // 1000, len(audio))]
@@ -125,16 +144,80 @@ class Session:
         await self.send("response.output_audio.done", **ids, content_index=0)
         await self.send("response.output_audio_transcript.done", **ids, content_index=0,
                         transcript=transcript)
+        message = {"id": item_id, "type": "message", "role": "assistant",
+                   "status": "completed" if status == "completed" else "incomplete",
+                   "content": [{"type": "output_audio", "transcript": transcript}]}
         await self.send("response.output_item.done", response_id=response_id, output_index=0,
-                        item={"id": item_id, "type": "message", "status": status})
+                        item=message)
         await self.send("response.done", response={
-            "id": response_id, "status": status,
-            "output": [{"id": item_id, "type": "message", "role": "assistant", "status": status}],
+            "id": response_id, "status": status, "output": [message],
             "usage": usage or {
                 "total_tokens": 140, "input_tokens": 118, "output_tokens": 22,
                 "input_token_details": {"cached_tokens": 0, "text_tokens": 102, "audio_tokens": 16},
                 "output_token_details": {"text_tokens": 22, "audio_tokens": 0}}})
         return item_id
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], commentary: bytes = b"",
+                        status: str = "completed") -> str:
+        """A GA response that calls a function, as gpt-realtime-2.1 sends one: optionally a
+        spoken message first (`phase: "commentary"`, "let me check…"), then the function_call
+        item, its arguments in two deltas, and `response.done`. `status` other than completed
+        is a call that was interrupted or cancelled. Returns the call_id."""
+        response_id, call_id = f"resp_{next(_ids)}", f"call_{next(_ids)}"
+        await self.send("response.created", response={"id": response_id, "status": "in_progress",
+                                                      "object": "realtime.response"})
+        output: list[dict[str, Any]] = []
+        if commentary:
+            item_id = f"item_{next(_ids)}"
+            ids = {"response_id": response_id, "item_id": item_id, "output_index": 0,
+                   "content_index": 0}
+            await self.send("response.output_item.added", response_id=response_id,
+                            output_index=0, item={"id": item_id, "type": "message",
+                                                  "role": "assistant", "content": [],
+                                                  "phase": "commentary"})
+            for start in range(0, len(commentary), 4800):
+                await self.send("response.output_audio.delta", **ids, delta=base64.b64encode(
+                    commentary[start:start + 4800]).decode())
+                await asyncio.sleep(0.01)
+            await self.send("response.output_audio.done", **ids)
+            await self.send("response.output_audio_transcript.done", **ids,
+                            transcript="Let me check that.")
+            message = {"id": item_id, "type": "message", "role": "assistant",
+                       "status": "completed", "phase": "commentary",
+                       "content": [{"type": "output_audio", "transcript": "Let me check that."}]}
+            await self.send("response.output_item.done", response_id=response_id, output_index=0,
+                            item=message)
+            output.append(message)
+        item_id, index, text = f"item_{next(_ids)}", len(output), json.dumps(arguments)
+        item = {"id": item_id, "type": "function_call", "name": name, "call_id": call_id,
+                "arguments": "", "status": "in_progress"}
+        await self.send("response.output_item.added", response_id=response_id,
+                        output_index=index, item=item)
+        ids = {"response_id": response_id, "item_id": item_id, "output_index": index,
+               "call_id": call_id}
+        for piece in (text[:len(text) // 2], text[len(text) // 2:]):
+            await self.send("response.function_call_arguments.delta", **ids, delta=piece)
+        await self.send("response.function_call_arguments.done", **ids, name=name, arguments=text)
+        item = {**item, "arguments": text,
+                "status": "completed" if status == "completed" else "incomplete"}
+        await self.send("response.output_item.done", response_id=response_id, output_index=index,
+                        item=item)
+        await self.send("response.done", response={
+            "id": response_id, "object": "realtime.response",
+            "status": "completed" if status == "completed" else "cancelled",
+            "output": [*output, item], "usage": {
+                "total_tokens": 60, "input_tokens": 50, "output_tokens": 10,
+                "input_token_details": {"cached_tokens": 0, "text_tokens": 50, "audio_tokens": 0},
+                "output_token_details": {"text_tokens": 10, "audio_tokens": 0}}})
+        return call_id
+
+    async def tool_output(self, call_id: str, timeout: float = 10) -> str:
+        """The output the client sends for this call."""
+        while True:
+            event = await self.expect("conversation.item.create", timeout)
+            item = event["item"]
+            if item.get("type") == "function_call_output" and item.get("call_id") == call_id:
+                return item["output"]
 
 
 Script = Callable[[Session], Awaitable[None]]

@@ -17,8 +17,7 @@ def turns(count: int, speed: float = 10):
         for n in range(1, count + 1):
             await session.send("input_audio_buffer.committed", item_id=f"item_u{n}",
                                previous_item_id=None)
-            await session.send("conversation.item.input_audio_transcription.completed",
-                               item_id=f"item_u{n}", content_index=0, transcript=f"question {n}")
+            await session.user_said(f"item_u{n}", f"question {n}")
             await session.reply(noise(0.3, seed=n), f"answer {n}", speed=speed)
             await asyncio.sleep(0.6)
         await asyncio.sleep(3600)

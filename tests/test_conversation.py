@@ -28,8 +28,7 @@ def test_voice_turn_end_to_end(serve, run_client, sox_log, tmp_path):
         while len(session.server.events("input_audio_buffer.append")) < 60:  # 1.2 s of speech
             await asyncio.sleep(0.02)
         await session.send("input_audio_buffer.speech_started", audio_start_ms=0, item_id="item_u")
-        await session.send("conversation.item.input_audio_transcription.completed",
-                           item_id="item_u", content_index=0, transcript="Hello there, haiku bot")
+        await session.user_said("item_u", "Hello there, haiku bot")
         await session.reply(reply, "Autumn wind replies softly")
         await asyncio.sleep(3600)
 
@@ -143,8 +142,9 @@ def test_bad_frames_are_reported_once_per_kind_and_skipped(serve, run_client):
             await session.ws.send("this is not json")
             await session.ws.send(b"\x00\x01binary")
             await session.ws.send('{"no_type": true}')
-            await session.send("response.brand_new_event", x=1)
-            await session.send("response.output_audio.delta", item_id="item_x", delta="%%%not b64")
+            await session.send("response.brand_new_event", checked=False, x=1)
+            await session.send("response.output_audio.delta", checked=False, item_id="item_x",
+                               delta="%%%not b64")
         await session.ws.send('{"type": "response.unknown_big", "blob": "' + "x" * 4_000_000 + '"}')
         await session.reply(noise(0.2), "Survived the garbage")
         await asyncio.sleep(3600)
@@ -184,7 +184,8 @@ def test_a_malformed_event_is_skipped_and_reported_once(serve, run_client):
     async def script(session):
         await session.handshake()
         for _ in range(2):
-            await session.send("response.done", response={"status": "completed", "usage": {
+            await session.send("response.done", checked=False, response={
+                "status": "completed", "usage": {
                 "input_tokens": "many", "output_tokens": 3}})
         await session.reply(noise(0.2), "Still fine")
         await asyncio.sleep(3600)

@@ -4,6 +4,7 @@ limit, telling the new session what was said, and noticing a connection that wen
 from __future__ import annotations
 
 import asyncio
+import re
 import select
 import socket
 import threading
@@ -25,8 +26,7 @@ def replayed(server, connection: int):
 async def first_turn(session):
     await session.handshake()
     await session.send("input_audio_buffer.committed", item_id="item_u1", previous_item_id=None)
-    await session.send("conversation.item.input_audio_transcription.completed",
-                       item_id="item_u1", content_index=0, transcript="What is a haiku?")
+    await session.user_said("item_u1", "What is a haiku?")
     await session.reply(noise(0.4, seed=1), "A haiku is a short poem", speed=10)
 
 
@@ -69,8 +69,9 @@ def test_a_dropped_connection_reconnects_and_replays_the_conversation(serve, run
     assert out.count("you: What is a haiku?") == 1
     assert out.count("A haiku is a short poem") == 1
     assert out.count("As I was saying") == 1
-    # What had arrived of the cut-off reply still played to its end.
-    assert cut_off[:19200] in sox_log.heard()
+    # What had arrived of the cut-off reply still played to its end. It came at real time after
+    # a fast reply, so it started without a cushion and may have stuttered once: silence aside.
+    assert cut_off[:19200] in re.sub(rb"(\0\0){240,}", b"", sox_log.heard())
 
 
 def test_session_expired_rolls_over_with_replay(serve, run_client):

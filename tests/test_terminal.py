@@ -111,8 +111,7 @@ def test_typing_is_never_garbled_by_the_conversation(serve, base_env, sox_log, t
     async def script(session):
         await session.handshake()
         await session.send("input_audio_buffer.committed", item_id="u1", previous_item_id=None)
-        await session.send("conversation.item.input_audio_transcription.completed",
-                           item_id="u1", content_index=0, transcript="Tell me a story")
+        await session.user_said("u1", "Tell me a story")
         await session.reply(noise(3.0), words, speed=1)
         await session.expect("conversation.item.create")
         await asyncio.sleep(3600)
