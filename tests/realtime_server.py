@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import ssl
@@ -271,7 +272,9 @@ class FakeRealtime:
     async def _check_request(self, ws: ServerConnection, request: Request) -> Response | None:
         self.request_headers.append(dict(request.headers.raw_items()))
         if len(self.upgrade_delay) >= len(self.request_headers):
-            await asyncio.sleep(self.upgrade_delay[len(self.request_headers) - 1])
+            with contextlib.suppress(asyncio.TimeoutError):  # held, until the server stops
+                await asyncio.wait_for(self._stop.wait(), self.upgrade_delay[
+                    len(self.request_headers) - 1])
         if self.refuse:
             status, body = self.refuse
             response = ws.respond(status, body)
