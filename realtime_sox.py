@@ -39,6 +39,7 @@ import os
 import random
 import re
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -175,6 +176,9 @@ class Config:
     max_cost: float | None
     log: TranscriptLog
     plumbing: Plumbing
+    mcp: tuple[McpCommand, ...] = ()
+    approve_tools: str = ""  # "" (ask on a terminal), "none", "all", or "name,name"
+    tool_timeout: float = 30.0
 
 
 def env(name: str, default: str) -> str:
@@ -239,6 +243,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
              "AirPods, Beats, Buds or Bluetooth]")
     add("--list-devices", action="store_true",
         help="list the microphones and speakers sox can use, then exit")
+    add("--mcp", action="append", metavar='"COMMAND ARGS"',
+        default=[line for line in env("REALTIME_MCP", "").splitlines() if line.strip()],
+        help="start this local MCP server and let the model use its tools; repeatable "
+             "[env REALTIME_MCP, one command per line]")
+    add("--mcp-config", default=env("REALTIME_MCP_CONFIG", ""), metavar="FILE",
+        help='MCP servers from a {"mcpServers": {…}} file, the format of desktop MCP clients '
+             "[env REALTIME_MCP_CONFIG]")
+    add("--approve-tools", default=env("REALTIME_APPROVE_TOOLS", ""), metavar="all|none|NAMES",
+        help="tools that change things and may run without asking: 'all', 'none', or tool names "
+             "separated by commas; read-only tools always run [env REALTIME_APPROVE_TOOLS; "
+             "default: ask on the terminal, refuse without one]")
+    add("--tool-timeout", type=float, default=env("REALTIME_TOOL_TIMEOUT", "30"), metavar="SECONDS",
+        help="cancel a tool call that takes longer [env REALTIME_TOOL_TIMEOUT; default %(default)s]")
     add("--plumbing", choices=sorted(PLUMBING), default=env("REALTIME_PLUMBING", DEFAULT_PLUMBING),
         help="'article' moves audio exactly as the article did, for comparison; 'coreaudio' "
              "is macOS's [env REALTIME_PLUMBING; default %(default)s]")
@@ -251,8 +268,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--vad-threshold must be between 0 and 1")
     if args.sox_buffer is not None and not 256 <= args.sox_buffer <= 65536:
         parser.error("--sox-buffer must be between 256 and 65536")
-    if args.connect_timeout <= 0 or args.keepalive <= 0:
-        parser.error("--connect-timeout and --keepalive must be more than 0 seconds")
+    if args.connect_timeout <= 0 or args.keepalive <= 0 or args.tool_timeout <= 0:
+        parser.error("--connect-timeout, --keepalive and --tool-timeout must be more than 0 "
+                     "seconds")
     if args.voice not in VOICES:
         parser.error(f"--voice must be one of {', '.join(VOICES)}")
     return args
@@ -327,7 +345,9 @@ def load_config(args: argparse.Namespace, env_file: Path) -> Config:
         turn_detection=args.turn_detection, vad_threshold=args.vad_threshold,
         noise_reduction=args.noise_reduction, duplex=args.duplex, keepalive=args.keepalive,
         connect_timeout=args.connect_timeout, prices=prices, max_cost=args.max_cost,
-        log=TranscriptLog(args.log), plumbing=plumbing_for(args))
+        log=TranscriptLog(args.log), plumbing=plumbing_for(args),
+        mcp=tuple(mcp_commands(args.mcp, args.mcp_config)), approve_tools=args.approve_tools,
+        tool_timeout=args.tool_timeout)
 
 
 def prices_for(model: str) -> Prices | None:
@@ -369,8 +389,9 @@ class TranscriptLog:
             self.file.flush()
 
 
-def session_config(config: Config) -> dict[str, Any]:
-    """The GA `session.update` body: PCM16 at 24 kHz both ways (the API insists on `rate`)."""
+def session_config(config: Config, tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The GA `session.update` body: PCM16 at 24 kHz both ways (the API insists on `rate`), and
+    the tools when there are MCP servers."""
     pcm = {"type": "audio/pcm", "rate": SAMPLE_RATE}
     audio_in: dict[str, Any] = {"format": pcm, "turn_detection": None, "transcription": None,
                                 "noise_reduction": None}
@@ -382,9 +403,10 @@ def session_config(config: Config) -> dict[str, Any]:
         audio_in["transcription"] = {"model": config.transcription_model}
     if config.noise_reduction != "none":
         audio_in["noise_reduction"] = {"type": config.noise_reduction}
-    return {"type": "realtime", "instructions": config.instructions,
+    body = {"type": "realtime", "instructions": config.instructions,
             "output_modalities": ["audio"],
             "audio": {"input": audio_in, "output": {"format": pcm, "voice": config.voice}}}
+    return body if tools is None else {**body, "tools": tools}
 
 
 # --- The sox processes ---------------------------------------------------------------------------
@@ -1285,6 +1307,521 @@ class Link:
             self.connection.close()
 
 
+# --- Tools: MCP servers, by voice -----------------------------------------------------------------
+
+# A tool is an MCP server: a child process that speaks JSON-RPC, one message per line, on its stdin
+# and stdout. The script starts each one, lists its tools, declares them to the model as functions,
+# and runs the model's calls, all from the loop. Tools that only read run at once; anything else
+# asks the person first, because a misheard word must not delete a file.
+
+MCP_PROTOCOL = "2025-11-25"
+MCP_START_TIMEOUT = 10.0  # s to start, shake hands and list the tools
+TOOL_OUTPUT_CHARS = 20_000  # of a result, for the model
+LOGGED_RESULT_CHARS = 2_000  # of a result, for the log and a new session
+INTERPRETERS = {"python", "python3", "node", "npx", "uv", "uvx", "deno", "bun", "pipx", "sh", "bash",
+                "run"}
+
+
+@dataclasses.dataclass(frozen=True)
+class McpCommand:
+    """How to start one MCP server (from --mcp or --mcp-config)."""
+    name: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+
+
+def mcp_commands(commands: list[str], config_file: str) -> list[McpCommand]:
+    """--mcp "COMMAND ARGS" (shell-quoted) and the desktop clients' {"mcpServers": {…}} file."""
+    found = []
+    for line in commands:
+        try:
+            argv = shlex.split(line)
+        except ValueError as error:
+            raise Fatal(f"--mcp {line!r}: {error}", Exit.USAGE) from None
+        if argv:
+            found.append(McpCommand(server_name(argv), tuple(argv)))
+    if config_file:
+        try:
+            servers = json.loads(Path(config_file).read_text(encoding="utf-8"))["mcpServers"]
+            for name, entry in servers.items():
+                argv = [entry["command"], *entry.get("args", [])]
+                if not all(isinstance(arg, str) for arg in argv):
+                    raise TypeError("command and args must be strings")
+                found.append(McpCommand(name, tuple(argv), tuple(
+                    (str(key), str(value)) for key, value in (entry.get("env") or {}).items())))
+        except OSError as error:
+            raise Fatal(f"cannot read --mcp-config {config_file}: {error.strerror}",
+                        Exit.USAGE) from None
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise Fatal(f"--mcp-config {config_file} is not an {{\"mcpServers\": {{name: "
+                        f"{{\"command\": …, \"args\": […]}}}}}} file ({error})", Exit.USAGE) from None
+    names: set[str] = set()
+    return [dataclasses.replace(command, name=unique_name(command.name, names)) for command in found]
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    unique, number = name, 2
+    while unique in taken:
+        unique, number = f"{name}-{number}", number + 1
+    taken.add(unique)
+    return unique
+
+
+def server_name(argv: list[str]) -> str:
+    """A short name for a server from its command: `python my_tools.py` is my_tools."""
+    words = [word for word in argv if not word.startswith("-")] or argv
+    if len(words) > 1 and Path(words[0]).name.rstrip("0123456789.") in INTERPRETERS:
+        words = words[1:]
+        if len(words) > 1 and words[0] == "run":  # uv run …
+            words = words[1:]
+    return Path(words[0].rstrip("/")).stem or "mcp"
+
+
+def api_name(name: str, taken: set[str], server: str) -> str:
+    """The API takes function names of ^[a-zA-Z0-9_-]{1,64}$; two servers may share a name."""
+    clean = re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:64] or "tool"
+    if clean in taken:
+        clean = re.sub(r"[^a-zA-Z0-9_-]", "_", f"{server}_{name}")[:60]
+    return unique_name(clean, taken)
+
+
+Reply = Callable[[dict[str, Any] | None, str], None]  # (result, or None and why it failed)
+
+
+class McpServer:
+    """One local MCP server, spoken to in JSON-RPC over its stdin and stdout. Nothing here waits:
+    the loop hands it what its pipes hold, and `tick` handles the clock. It shakes hands
+    (`initialize`, then `notifications/initialized`), lists its tools (following `nextCursor`),
+    and then sends `tools/call` requests, each with its own reply callback and deadline."""
+
+    def __init__(self, command: McpCommand, now: float) -> None:
+        self.name = command.name
+        self.state = "starting"  # → "ready" → "failed"
+        self.failure = ""
+        self.changed = False  # its tools arrived or went away: the model must be told
+        self.tools: list[dict[str, Any]] = []
+        self.notices: list[str] = []  # for the screen, once each
+        self.stderr_lines: collections.deque[str] = collections.deque(maxlen=20)
+        self.pending: dict[int, tuple[Reply, float, float]] = {}  # id → (reply, deadline, timeout)
+        self.next_id = 1
+        self.inbox, self.outbox, self.stderr_partial = b"", b"", b""
+        self.bad_json = False
+        self.ended_at: float | None = None  # its output closed: it is exiting
+        self.selector: selectors.BaseSelector | None = None
+        # The API key is for the API host only: it is not passed on to the tool's process.
+        environment = {key: value for key, value in os.environ.items() if key != "OPENAI_API_KEY"}
+        try:
+            # Its own session, like sox: Ctrl-C reaches us, and we end it in our own order.
+            self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
+                command.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, env={**environment, **dict(command.env)},
+                start_new_session=True)
+        except OSError as error:
+            self.process = None
+            self.fail(f"did not start ({command.argv[0]}: {error.strerror})")
+            return
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            os.set_blocking(stream.fileno(), False)  # type: ignore[union-attr]
+        self.request("initialize", {"protocolVersion": MCP_PROTOCOL, "capabilities": {},
+                                    "clientInfo": {"name": "realtime-sox", "version": "1"}},
+                     self._initialized, MCP_START_TIMEOUT)
+
+    # Starting: initialize, initialized, tools/list (page by page).
+    def _initialized(self, result: dict[str, Any] | None, error: str) -> None:
+        if result is None:
+            self.fail(f"failed its handshake ({error})")
+            return
+        self.notify("notifications/initialized")
+        self._list_tools(None)
+
+    def _list_tools(self, cursor: str | None, found: tuple[Any, ...] = ()) -> None:
+        def listed(result: dict[str, Any] | None, error: str) -> None:
+            if result is None:
+                self.fail(f"did not list its tools ({error})")
+                return
+            tools = (*found, *[tool for tool in result.get("tools") or []
+                               if isinstance(tool, dict) and isinstance(tool.get("name"), str)])
+            if result.get("nextCursor"):
+                self._list_tools(str(result["nextCursor"]), tools)
+            else:
+                self.tools, self.state, self.changed = list(tools), "ready", True
+        self.request("tools/list", {"cursor": cursor} if cursor else {}, listed, MCP_START_TIMEOUT)
+
+    # JSON-RPC
+    def request(self, method: str, params: dict[str, Any], reply: Reply, timeout: float) -> int:
+        request_id, self.next_id = self.next_id, self.next_id + 1
+        self.pending[request_id] = (reply, time.monotonic() + timeout, timeout)
+        self._write({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+        return request_id
+
+    def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        self._write({"jsonrpc": "2.0", "method": method, **({"params": params} if params else {})})
+
+    def cancel(self, request_id: int, reason: str) -> None:
+        """Forget a request and tell the server (its answer, if it still comes, is dropped)."""
+        if self.pending.pop(request_id, None) is not None:
+            self.notify("notifications/cancelled", {"requestId": request_id, "reason": reason})
+
+    def _write(self, message: dict[str, Any]) -> None:
+        if self.state != "failed":
+            self.outbox += json.dumps(message).encode() + b"\n"
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what the pipe takes now; the rest waits for the next turn of the loop."""
+        if not self.outbox or self.process is None or self.process.stdin is None:
+            return
+        try:
+            written = os.write(self.process.stdin.fileno(), self.outbox)
+        except BlockingIOError:
+            return
+        except OSError:  # EPIPE: it has exited; its stdout's end says why
+            self.outbox = b""
+            return
+        self.outbox = self.outbox[written:]
+
+    def on_readable(self, fd: int) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        if fd != self.process.stdout.fileno():
+            self._read_stderr()
+            return
+        chunk = read_available(fd)
+        if chunk == b"":  # it is exiting: tick() says so once its exit code is in
+            self.ended_at = self.ended_at or time.monotonic()
+            if self.selector is not None:
+                self.selector.unregister(self.process.stdout)
+            return
+        *lines, self.inbox = (self.inbox + (chunk or b"")).split(b"\n")
+        for line in lines:
+            if line.strip():
+                self._receive(line)
+
+    def _receive(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+            if not isinstance(message, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if not self.bad_json:
+                self.bad_json = True
+                self.notices.append(f"MCP server {self.name!r} wrote something that is not "
+                                    f"JSON-RPC; skipping it ({line[:80]!r})")
+            return
+        if "method" in message:  # the server asks or tells us something
+            if message["method"] == "notifications/tools/list_changed" and self.state == "ready":
+                self._list_tools(None)
+            elif "id" in message:
+                self._write({"jsonrpc": "2.0", "id": message["id"], **(
+                    {"result": {}} if message["method"] == "ping" else
+                    {"error": {"code": -32601, "message": "not supported by this client"}})})
+            return
+        entry = self.pending.pop(message.get("id"), None)  # type: ignore[arg-type]
+        if entry is None:
+            return  # the answer to a request we gave up on
+        reply = entry[0]
+        error = message.get("error")
+        if isinstance(message.get("result"), dict):
+            reply(message["result"], "")
+        else:
+            reply(None, str(error.get("message")) if isinstance(error, dict) else "a bad answer")
+
+    def _read_stderr(self) -> None:
+        """Kept, not shown: a server's log is its own business until it fails."""
+        stream = self.process.stderr if self.process is not None else None
+        if stream is None or stream.closed:
+            return
+        while (chunk := read_available(stream.fileno())):
+            *lines, self.stderr_partial = (self.stderr_partial + chunk).split(b"\n")
+            self.stderr_partial = self.stderr_partial[-4096:]
+            self.stderr_lines.extend(text for line in lines
+                                     if (text := line.decode(errors="replace").strip()))
+        if chunk == b"" and self.selector is not None:  # at its end: stop watching it
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(stream)
+
+    def tick(self, now: float) -> None:
+        if self.ended_at is not None and self.process is not None:
+            code = self.process.poll()
+            if code is not None or now > self.ended_at + 0.5:
+                self.fail("stopped" + (f" (exit code {code})" if code is not None else ""))
+                return
+        self.flush()
+        for request_id, (reply, deadline, timeout) in list(self.pending.items()):
+            if now >= deadline and request_id in self.pending:
+                self.cancel(request_id, "timed out")
+                reply(None, f"timed out: no answer within {timeout:g} s")
+
+    def next_timer(self) -> float | None:
+        deadlines = [deadline for _, deadline, _ in self.pending.values()]
+        if self.outbox or self.ended_at is not None:
+            deadlines.append(time.monotonic() + 0.02)
+        return min(deadlines, default=None)
+
+    def fail(self, reason: str) -> None:
+        """It is out of the conversation: say why (with its last words), end it, answer what
+        was waiting on it."""
+        if self.state == "failed":
+            return
+        self._read_stderr()
+        last_words = next((line for line in reversed(self.stderr_lines)), "")
+        self.failure = reason + (f": {last_words}" if last_words else "")
+        self.state, self.changed, self.tools = "failed", True, []
+        self.close(wait=0)
+        pending, self.pending = self.pending, {}
+        for reply, _, _ in pending.values():
+            reply(None, f"the MCP server {self.name} {self.failure}")
+
+    def watch(self, selector: selectors.BaseSelector) -> None:
+        if self.process is not None and self.state != "failed":
+            self.selector = selector
+            for stream in (self.process.stdout, self.process.stderr):
+                selector.register(stream, selectors.EVENT_READ, self)  # type: ignore[arg-type]
+
+    def close(self, wait: float = 1.0) -> None:
+        """End it: stdin closed is the protocol's way, then SIGTERM, then SIGKILL, to its whole
+        process group (npx and uv start grandchildren)."""
+        if self.process is None:
+            return
+        if self.selector is not None:
+            for stream in (self.process.stdout, self.process.stderr):
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(stream)  # type: ignore[arg-type]
+            self.selector = None
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()  # type: ignore[union-attr]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                self.process.wait(timeout=wait / 2)
+                break
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=1)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # what it started, if it left any
+        for stream in (self.process.stdout, self.process.stderr):
+            stream.close()  # type: ignore[union-attr]
+
+
+@dataclasses.dataclass
+class ToolCall:
+    """One call of the model's, from the question to its output."""
+    call_id: str
+    name: str  # as the model knows it
+    arguments: dict[str, Any]
+    shown: str  # lookup_word(word="lighthouse")
+    started: float
+    answer: bool = True  # a reply follows its result (not when the person spoke over it)
+    approval: str = ""  # who let it run: read-only, --approve-tools, you
+    server: McpServer | None = None
+    request_id: int | None = None
+
+
+@dataclasses.dataclass
+class ToolOutput:
+    call: ToolCall
+    output: str  # for the model
+    answer: bool  # a response.create should follow
+    approval: str
+    cancelled: bool = False
+
+
+class Toolbox:
+    """Every MCP server's tools, as the model sees them, and the calls in flight. The conversation
+    hands it the model's calls and takes back finished outputs; it never waits for a tool."""
+
+    def __init__(self, commands: list[McpCommand], approve: str, can_ask: bool, timeout: float,
+                 display: Display, now: float) -> None:
+        self.servers = [McpServer(command, now) for command in commands]
+        self.approve = approve  # "" (ask), "none", "all", or "name,name"
+        self.can_ask = can_ask
+        self.timeout = timeout
+        self.display = display
+        self.by_name: dict[str, tuple[McpServer, dict[str, Any]]] = {}
+        self.names: dict[tuple[str, str], str] = {}  # (server, tool) → its name for the model, kept
+        self.changed = False
+        self.running: dict[str, ToolCall] = {}
+        self.questions: collections.deque[ToolCall] = collections.deque()
+        self.outputs: list[ToolOutput] = []
+        self.reply_owed = False  # a result came back that the model should speak about
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.servers)
+
+    def declarations(self) -> list[dict[str, Any]]:
+        """The tools for session.update, as functions."""
+        return [{"type": "function", "name": name, "description": tool.get("description") or "",
+                 "parameters": tool.get("inputSchema") or {"type": "object", "properties": {}}}
+                for name, (_, tool) in self.by_name.items()]
+
+    def take_changed(self) -> bool:
+        changed, self.changed = self.changed, False
+        return changed
+
+    # The model's calls
+    def call(self, call_id: str, name: str, arguments: str, now: float) -> ToolCall:
+        try:
+            parsed = json.loads(arguments or "{}")
+        except ValueError:
+            parsed = None
+        valid = isinstance(parsed, dict)
+        parsed = parsed if isinstance(parsed, dict) else {}
+        shown = f"{name}({', '.join(f'{key}={json.dumps(value)}' for key, value in parsed.items())})"
+        call = ToolCall(call_id, name, parsed, shown if len(shown) <= 200 else shown[:199] + "…",
+                        now)
+        if name not in self.by_name:
+            self._finish(call, f"Error: there is no tool named {name!r}.")
+        elif not valid:
+            self._finish(call, "Error: the arguments were not a JSON object.")
+        elif self.by_name[name][1].get("annotations", {}).get("readOnlyHint") is True:
+            self._run(call, "read-only", now)
+        elif self.approve == "all" or name in self.approve.split(","):
+            self._run(call, "--approve-tools", now)
+        elif self.can_ask and self.approve != "none":
+            self.questions.append(call)
+            if len(self.questions) == 1:
+                self.display.ask(f"run {call.shown}? [y/N]")
+        else:
+            why = ("--approve-tools none" if self.approve == "none" else
+                   "there is no terminal to ask on (see --approve-tools)")
+            self._finish(call, "The person did not allow this tool to run: it changes things, "
+                               f"and {why}.", approval="refused")
+        return call
+
+    @property
+    def question(self) -> ToolCall | None:
+        return self.questions[0] if self.questions else None
+
+    def answer(self, yes: bool, now: float) -> None:
+        """The person's key for the question on screen."""
+        call = self.questions.popleft()
+        self.display.info(f"  {'yes: running it' if yes else 'no: not running it'}")
+        if yes:
+            self._run(call, "you", now)
+        else:
+            self._finish(call, "The person refused to run this.", approval="refused by you")
+        if self.questions:
+            self.display.ask(f"run {self.questions[0].shown}? [y/N]")
+
+    def _run(self, call: ToolCall, approval: str, now: float) -> None:
+        server, tool = self.by_name[call.name]
+        call.approval, call.server, call.started = approval, server, now
+
+        def done(result: dict[str, Any] | None, error: str) -> None:
+            self.running.pop(call.call_id, None)
+            self._finish(call, tool_output(result) if result is not None else f"Error: {error}.")
+        self.running[call.call_id] = call
+        call.request_id = server.request("tools/call", {"name": tool["name"],
+                                                        "arguments": call.arguments},
+                                         done, self.timeout)
+
+    def _finish(self, call: ToolCall, output: str, approval: str = "",
+                cancelled: bool = False) -> None:
+        self.outputs.append(ToolOutput(call, output, call.answer, approval or call.approval,
+                                       cancelled))
+        self.reply_owed = self.reply_owed or call.answer
+
+    def take_outputs(self) -> list[ToolOutput]:
+        outputs, self.outputs = self.outputs, []
+        return outputs
+
+    def person_spoke(self) -> None:
+        """The person talks over a running tool: its result joins the conversation when it comes,
+        but no reply of its own follows (the person's turn gets one)."""
+        self.reply_owed = False
+        for call in self.running.values():
+            call.answer = False
+
+    def cancel_all(self, reason: str) -> None:
+        """Enter (or a lost connection): running tools are cancelled and questions withdrawn."""
+        self.reply_owed = False
+        for call in [*self.running.values(), *self.questions]:
+            call.answer = False
+            if call.server is not None and call.request_id is not None:
+                call.server.cancel(call.request_id, reason)
+            self._finish(call, f"Cancelled: {reason}.", approval=call.approval or "not asked",
+                         cancelled=True)
+        self.running.clear()
+        self.questions.clear()
+        self.reply_owed = False
+
+    def busy(self) -> bool:
+        return bool(self.running or self.questions)
+
+    # The clock, the servers' state, the status line
+    def tick(self, now: float) -> None:
+        changed = False
+        for server in self.servers:
+            server.tick(now)
+            for notice in server.notices:
+                self.display.warn(notice)
+            server.notices.clear()
+            if server.changed:
+                server.changed, changed = False, True
+                self._server_changed(server)
+        # The first names are given once every server has started (or failed), in the order the
+        # servers were named, so that the same servers always give the same names.
+        if changed and not any(server.state == "starting" for server in self.servers):
+            declared = list(self.by_name)
+            self._name_tools()
+            self.changed = self.changed or list(self.by_name) != declared
+
+    def _server_changed(self, server: McpServer) -> None:
+        if server.state == "failed":
+            self.display.warn(f"MCP server {server.name!r} {server.failure}; going on without "
+                              "its tools")
+        else:
+            names = ", ".join(tool["name"] for tool in server.tools) or "none"
+            self.display.info(f"tools from {server.name}: {names}")
+
+    def _name_tools(self) -> None:
+        """The model's names for the tools; a name once given stays, even when another server
+        goes away."""
+        taken = set(self.names.values())
+        self.by_name = {}
+        for server in self.servers:
+            for tool in server.tools if server.state == "ready" else []:
+                key = (server.name, tool["name"])
+                if key not in self.names:
+                    self.names[key] = api_name(tool["name"], taken, server.name)
+                self.by_name[self.names[key]] = (server, tool)
+
+    def next_timer(self) -> float | None:
+        return min((t for server in self.servers if (t := server.next_timer()) is not None),
+                   default=None)
+
+    def status(self, now: float) -> str | None:
+        if self.questions:
+            return f"run {self.questions[0].name}? press y or n"
+        if not self.running:
+            return None
+        oldest = min(self.running.values(), key=lambda call: call.started)
+        more = f" and {len(self.running) - 1} more" if len(self.running) > 1 else ""
+        return f"running {oldest.name}{more}… {now - oldest.started:.1f} s"
+
+    def watch(self, selector: selectors.BaseSelector) -> None:
+        for server in self.servers:
+            server.watch(selector)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
+def tool_output(result: dict[str, Any]) -> str:
+    """What the model reads of a tools/call result: the structured content as JSON when there is
+    some, else the text; an error says so."""
+    structured = result.get("structuredContent")
+    parts = [block.get("text", "") if block.get("type") == "text" else f"[{block.get('type')}]"
+             for block in result.get("content") or [] if isinstance(block, dict)]
+    text = json.dumps(structured, ensure_ascii=False) if structured is not None else "\n".join(parts)
+    if result.get("isError"):
+        text = f"Error: {text or 'the tool failed'}"
+    return text if len(text) <= TOOL_OUTPUT_CHARS else text[:TOOL_OUTPUT_CHARS] + "… (cut)"
+
+
 # --- Output ---------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -1423,6 +1960,18 @@ class Display:
         self.out.print(Text.assemble(("  interrupted, heard: ", "yellow"), transcript[:cut],
                                      (transcript[cut:], "dim strike")))
 
+    def tool_call(self, shown: str) -> None:
+        self.end_line()
+        self.out.print(Text.assemble(("tool: ", "bold magenta"), shown))
+
+    def tool_result(self, output: str) -> None:
+        first = (output.strip().splitlines() or [""])[0]
+        self.info(f"  → {first[:117] + '…' if len(first) > 120 else first}")
+
+    def ask(self, question: str) -> None:
+        self.end_line()
+        self.out.print(Text(question, style="bold yellow"))
+
     def usage(self, usage: dict[str, Any], cost: float | None) -> None:
         inp, out = usage.get("input_token_details") or {}, usage.get("output_token_details") or {}
         self.info(f"  tokens in {usage.get('input_tokens', 0)} (text {inp.get('text_tokens', 0)}, "
@@ -1445,7 +1994,7 @@ def money(cost: float | None) -> str:
 @dataclasses.dataclass
 class Turn:
     """One turn as text, in conversation order: what a new session is told."""
-    role: str  # "user" or "assistant"
+    role: str  # "user", "assistant", or "tool" (what a tool returned)
     item_id: str
     text: str = ""
 
@@ -1455,9 +2004,11 @@ class Conversation:
 
     HALF_DUPLEX_TAIL = 0.3  # s of room echo after the speaker stops
 
-    def __init__(self, config: Config, recorder: Sox, player: Player, display: Display) -> None:
+    def __init__(self, config: Config, recorder: Sox, player: Player, display: Display,
+                 tools: Toolbox) -> None:
         self.config = config
         self.link = Link(config, display)
+        self.tools = tools
         self.history: list[Turn] = []
         self.ending: str | None = None  # why we stop once the received audio has played
         self.restarted: set[str] = set()  # sox roles restarted once already
@@ -1485,6 +2036,11 @@ class Conversation:
         if self.link.tick(now, self.at_turn_boundary(now)) is not None:
             self.on_connection_lost()
         self.watch_sox(now)
+        self.tools.tick(now)
+        if self.link.ready and self.tools.take_changed():
+            self.send({"type": "session.update", "session": {
+                "type": "realtime", "tools": self.tools.declarations()}})
+        self.deliver_tool_outputs()
 
     def watch_sox(self, now: float) -> None:
         """A device that disappears (a Bluetooth headset switched off) leaves sox waiting forever
@@ -1501,9 +2057,9 @@ class Conversation:
         """When tick() has something to do next."""
         if self.ending:
             return self.player.audible_until()
-        link = self.link.next_timer(now)
-        watchdog = self.mic_heard_at + SOX_WATCHDOG + 0.01
-        return watchdog if link is None else min(link, watchdog)
+        timers = [self.link.next_timer(now), self.tools.next_timer(),
+                  self.mic_heard_at + SOX_WATCHDOG + 0.01]
+        return min(timer for timer in timers if timer is not None)
 
     def on_connection_lost(self) -> None:
         """The link reconnects; what was said so far is kept for the next session."""
@@ -1513,6 +2069,7 @@ class Conversation:
         self.display.end_line()
         self.response_active = self.user_speaking = False
         self.mic.clear()
+        self.tools.cancel_all("the connection to the API dropped")
 
     def on_sox_died(self, sox: Sox, reason: str = "") -> None:
         """A sox process stopped (sox exits 0 when the audio server goes away: its stderr says
@@ -1545,13 +2102,17 @@ class Conversation:
         return " · ".join(parts)
 
     def activity(self, now: float) -> str:
+        tools = self.tools.status(now)
+        if tools:
+            return tools
         if self.player.busy(now):
             muted = " (microphone muted)" if self.config.duplex == "half" else ""
             return "assistant speaking" + muted
         return "hearing you" if self.user_speaking else "listening"
 
     def at_turn_boundary(self, now: float) -> bool:
-        return not (self.response_active or self.user_speaking or self.player.busy(now))
+        return not (self.response_active or self.user_speaking or self.player.busy(now)
+                    or self.tools.busy())
 
     def replay(self) -> int:
         """Tell a new session the conversation so far, as text (a session starts empty)."""
@@ -1559,9 +2120,10 @@ class Conversation:
         while sum(len(turn.text) for turn in turns) > REPLAY_CHARS:
             turns.pop(0)
         for turn in turns:
-            kind = "input_text" if turn.role == "user" else "output_text"
+            kind = "output_text" if turn.role == "assistant" else "input_text"
+            role = "system" if turn.role == "tool" else turn.role  # a call_id means nothing now
             self.send({"type": "conversation.item.create", "item": {
-                "type": "message", "role": turn.role,
+                "type": "message", "role": role,
                 "content": [{"type": kind, "text": turn.text}]}})
         return len(turns)
 
@@ -1592,7 +2154,9 @@ class Conversation:
     # Session
     def on_session_created(self, event: dict[str, Any]) -> None:
         self.link.session_created((event.get("session") or {}).get("expires_at"))
-        self.send({"type": "session.update", "session": session_config(self.config)})
+        tools = self.tools.declarations() if self.tools.configured else None
+        self.tools.take_changed()  # they are all in this one
+        self.send({"type": "session.update", "session": session_config(self.config, tools)})
 
     def on_session_updated(self, event: dict[str, Any]) -> None:
         if not self.link.configured():
@@ -1620,6 +2184,7 @@ class Conversation:
     # The person
     def on_speech_started(self, event: dict[str, Any]) -> None:
         self.user_speaking = True
+        self.tools.person_spoke()
         self.interrupt(cancel=False)  # the server cancels its response itself on a VAD turn
 
     def on_speech_stopped(self, event: dict[str, Any]) -> None:
@@ -1646,6 +2211,15 @@ class Conversation:
         item = event.get("item") or {}
         if item.get("type") == "message":
             self.remember("assistant", item.get("id", ""))
+
+    def on_output_item_done(self, event: dict[str, Any]) -> None:
+        """A function call is run only once complete: interrupted and cancelled ones end here
+        too, with another status."""
+        item = event.get("item") or {}
+        if item.get("type") == "function_call" and item.get("status") == "completed":
+            call = self.tools.call(item["call_id"], item["name"], item.get("arguments", ""),
+                                   time.monotonic())
+            self.display.tool_call(call.shown)
 
     def on_audio_delta(self, event: dict[str, Any]) -> None:
         if event.get("item_id") in self.interrupted:
@@ -1717,6 +2291,33 @@ class Conversation:
                               f"(${spent:.4f}); the session ends when it is reached")
 
     # Actions of ours
+    def deliver_tool_outputs(self) -> None:
+        """Finished calls go back to the model; one reply follows once every call is answered and
+        no response is running (a response.create during one is refused)."""
+        for done in self.tools.take_outputs():
+            call, kept = done.call, done.output[:LOGGED_RESULT_CHARS]
+            self.display.tool_result(done.output)
+            self.config.log.write(event="tool", call_id=call.call_id, name=call.name,
+                                  arguments=call.arguments, approved_by=done.approval, result=kept)
+            if not done.cancelled:
+                self.remember("tool", call.call_id, f"Earlier, the tool call {call.shown} "
+                                                    f"returned: {kept}")
+            self.send({"type": "conversation.item.create", "item": {
+                "type": "function_call_output", "call_id": call.call_id, "output": done.output}})
+        if self.tools.reply_owed and not (self.tools.busy() or self.response_active
+                                          or self.user_speaking) and self.link.ready:
+            self.tools.reply_owed = False
+            self.send({"type": "response.create"})
+
+    def on_keys(self, chunk: bytes) -> bytes:
+        """A question about a tool takes the next key: y runs it, any other refuses. The rest
+        of what was typed goes to the line being edited."""
+        if not chunk or self.tools.question is None:
+            return chunk
+        key, rest = chunk[:1], chunk[1:]
+        self.tools.answer(key in (b"y", b"Y"), time.monotonic())
+        return rest[1:] if rest[:1] in (b"\r", b"\n") and key not in (b"\r", b"\n") else rest
+
     def interrupt(self, cancel: bool) -> None:
         """Barge-in: silence the player and tell the server exactly how much was heard."""
         now = time.monotonic()
@@ -1764,6 +2365,7 @@ class Conversation:
             self.display.warn("not connected yet; type again in a moment")
             return
         if line.strip():
+            self.tools.person_spoke()
             self.remember("user", f"typed-{len(self.history)}", line.strip())
             self.config.log.write(speaker="user", typed=True, text=line.strip())
             self.interrupt(cancel=True)
@@ -1776,6 +2378,7 @@ class Conversation:
             self.end_manual_turn()
         else:
             self.interrupt(cancel=True)
+            self.tools.cancel_all("the person interrupted")
             if self.config.turn_detection == "none":
                 self.send({"type": "input_audio_buffer.clear"})
                 self.mic_ms_uncommitted = 0
@@ -1801,6 +2404,7 @@ HANDLERS: dict[str, Handler] = {
     "conversation.item.input_audio_transcription.failed": Conversation.on_user_transcript_failed,
     "response.created": Conversation.on_response_created,
     "response.output_item.added": Conversation.on_output_item,
+    "response.output_item.done": Conversation.on_output_item_done,
     "response.output_audio.delta": Conversation.on_audio_delta,
     "response.output_audio.done": Conversation.on_audio_done,
     "response.output_audio_transcript.delta": Conversation.on_transcript_delta,
@@ -1815,7 +2419,7 @@ QUIET_EVENTS = {
     "conversation.item.deleted", "conversation.item.retrieved",
     "conversation.item.input_audio_transcription.delta",
     "conversation.item.input_audio_transcription.segment",
-    "response.output_item.done", "response.content_part.added", "response.content_part.done",
+    "response.content_part.added", "response.content_part.done",
     "response.output_text.delta", "response.output_text.done",
     "response.function_call_arguments.delta", "response.function_call_arguments.done",
     "rate_limits.updated", "mcp_list_tools.in_progress", "mcp_list_tools.completed",
@@ -1863,19 +2467,24 @@ def stop_starting_up(signum: int, frame: Any) -> None:
 
 
 def run(config: Config, display: Display) -> None:
-    recorder = start_recorder(config.plumbing)
-    player = Player(config.plumbing)
-    conversation = Conversation(config, recorder, player, display)
+    tools = Toolbox(list(config.mcp), config.approve_tools, sys.stdin.isatty(),
+                    config.tool_timeout, display, time.monotonic())
     try:
-        conversation.link.open(time.monotonic())  # the loop takes each step of the opening
+        recorder = start_recorder(config.plumbing)
+        player = Player(config.plumbing)
+        conversation = Conversation(config, recorder, player, display, tools)
         try:
-            loop(conversation)
+            conversation.link.open(time.monotonic())  # the loop takes each step of the opening
+            try:
+                loop(conversation)
+            finally:
+                display.totals(conversation.total)
         finally:
-            display.totals(conversation.total)
+            conversation.recorder.kill(signal.SIGTERM)
+            conversation.player.sox.kill(signal.SIGKILL)
+            conversation.link.close()
     finally:
-        conversation.recorder.kill(signal.SIGTERM)
-        conversation.player.sox.kill(signal.SIGKILL)
-        conversation.link.close()
+        tools.close()  # no MCP server outlives the script
 
 
 def loop(conversation: Conversation) -> None:
@@ -1892,6 +2501,7 @@ def loop(conversation: Conversation) -> None:
     selector.register(wakeup_r, selectors.EVENT_READ, "signal")
     conversation.recorder.watch(selector)
     conversation.player.sox.watch(selector)
+    conversation.tools.watch(selector)
     try:
         selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
     except (ValueError, OSError):  # a regular file or /dev/null cannot be watched: no typing
@@ -1944,8 +2554,10 @@ def loop(conversation: Conversation) -> None:
                     chunk = read_available(key.fd)
                     if chunk == b"":  # EOF ends typing, not the voice session
                         selector.unregister(key.fd)
-                    for line in display.typed(chunk or b""):
+                    for line in display.typed(conversation.on_keys(chunk or b"")):
                         conversation.on_typed_line(line)
+                elif isinstance(what, McpServer):
+                    what.on_readable(key.fd)
                 elif isinstance(what, Sox):  # stderr: a FAIL line, or EOF as sox exits
                     if not what.read_stderr() or what.failed:
                         conversation.on_sox_died(what)
