@@ -179,6 +179,7 @@ class Config:
     mcp: tuple[McpCommand, ...] = ()
     approve_tools: str = ""  # "" (ask on a terminal), "none", "all", or "name,name"
     tool_timeout: float = 30.0
+    mcp_start_timeout: float = 10.0
 
 
 def env(name: str, default: str) -> str:
@@ -256,6 +257,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
              "default: ask on the terminal, refuse without one]")
     add("--tool-timeout", type=float, default=env("REALTIME_TOOL_TIMEOUT", "30"), metavar="SECONDS",
         help="cancel a tool call that takes longer [env REALTIME_TOOL_TIMEOUT; default %(default)s]")
+    add("--mcp-start-timeout", type=float, default=env("REALTIME_MCP_START_TIMEOUT", "10"),
+        metavar="SECONDS",
+        help="give up on an MCP server that has not listed its tools by then (npx -y and uvx "
+             "may need longer the first time) [env REALTIME_MCP_START_TIMEOUT; default "
+             "%(default)s]")
     add("--plumbing", choices=sorted(PLUMBING), default=env("REALTIME_PLUMBING", DEFAULT_PLUMBING),
         help="'article' moves audio exactly as the article did, for comparison; 'coreaudio' "
              "is macOS's [env REALTIME_PLUMBING; default %(default)s]")
@@ -268,9 +274,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--vad-threshold must be between 0 and 1")
     if args.sox_buffer is not None and not 256 <= args.sox_buffer <= 65536:
         parser.error("--sox-buffer must be between 256 and 65536")
-    if args.connect_timeout <= 0 or args.keepalive <= 0 or args.tool_timeout <= 0:
-        parser.error("--connect-timeout, --keepalive and --tool-timeout must be more than 0 "
-                     "seconds")
+    if min(args.connect_timeout, args.keepalive, args.tool_timeout, args.mcp_start_timeout) <= 0:
+        parser.error("--connect-timeout, --keepalive, --tool-timeout and --mcp-start-timeout "
+                     "must be more than 0 seconds")
     if args.voice not in VOICES:
         parser.error(f"--voice must be one of {', '.join(VOICES)}")
     return args
@@ -347,7 +353,7 @@ def load_config(args: argparse.Namespace, env_file: Path) -> Config:
         connect_timeout=args.connect_timeout, prices=prices, max_cost=args.max_cost,
         log=TranscriptLog(args.log), plumbing=plumbing_for(args),
         mcp=tuple(mcp_commands(args.mcp, args.mcp_config)), approve_tools=args.approve_tools,
-        tool_timeout=args.tool_timeout)
+        tool_timeout=args.tool_timeout, mcp_start_timeout=args.mcp_start_timeout)
 
 
 def prices_for(model: str) -> Prices | None:
@@ -1315,7 +1321,6 @@ class Link:
 # asks the person first, because a misheard word must not delete a file.
 
 MCP_PROTOCOL = "2025-11-25"
-MCP_START_TIMEOUT = 10.0  # s to start, shake hands and list the tools
 TOOL_OUTPUT_CHARS = 20_000  # of a result, for the model
 LOGGED_RESULT_CHARS = 2_000  # of a result, for the log and a new session
 INTERPRETERS = {"python", "python3", "node", "npx", "uv", "uvx", "deno", "bun", "pipx", "sh", "bash",
@@ -1394,8 +1399,9 @@ class McpServer:
     (`initialize`, then `notifications/initialized`), lists its tools (following `nextCursor`),
     and then sends `tools/call` requests, each with its own reply callback and deadline."""
 
-    def __init__(self, command: McpCommand, now: float) -> None:
+    def __init__(self, command: McpCommand, start_timeout: float) -> None:
         self.name = command.name
+        self.start_timeout = start_timeout  # s to shake hands and list the tools
         self.state = "starting"  # → "ready" → "failed"
         self.failure = ""
         self.changed = False  # its tools arrived or went away: the model must be told
@@ -1424,7 +1430,7 @@ class McpServer:
             os.set_blocking(stream.fileno(), False)  # type: ignore[union-attr]
         self.request("initialize", {"protocolVersion": MCP_PROTOCOL, "capabilities": {},
                                     "clientInfo": {"name": "realtime-sox", "version": "1"}},
-                     self._initialized, MCP_START_TIMEOUT)
+                     self._initialized, start_timeout)
 
     # Starting: initialize, initialized, tools/list (page by page).
     def _initialized(self, result: dict[str, Any] | None, error: str) -> None:
@@ -1445,7 +1451,7 @@ class McpServer:
                 self._list_tools(str(result["nextCursor"]), tools)
             else:
                 self.tools, self.state, self.changed = list(tools), "ready", True
-        self.request("tools/list", {"cursor": cursor} if cursor else {}, listed, MCP_START_TIMEOUT)
+        self.request("tools/list", {"cursor": cursor} if cursor else {}, listed, self.start_timeout)
 
     # JSON-RPC
     def request(self, method: str, params: dict[str, Any], reply: Reply, timeout: float) -> int:
@@ -1631,12 +1637,11 @@ class Toolbox:
     """Every MCP server's tools, as the model sees them, and the calls in flight. The conversation
     hands it the model's calls and takes back finished outputs; it never waits for a tool."""
 
-    def __init__(self, commands: list[McpCommand], approve: str, can_ask: bool, timeout: float,
-                 display: Display, now: float) -> None:
-        self.servers = [McpServer(command, now) for command in commands]
-        self.approve = approve  # "" (ask), "none", "all", or "name,name"
+    def __init__(self, config: Config, can_ask: bool, display: Display) -> None:
+        self.servers = [McpServer(command, config.mcp_start_timeout) for command in config.mcp]
+        self.approve = config.approve_tools  # "" (ask), "none", "all", or "name,name"
         self.can_ask = can_ask
-        self.timeout = timeout
+        self.timeout = config.tool_timeout
         self.display = display
         self.by_name: dict[str, tuple[McpServer, dict[str, Any]]] = {}
         self.names: dict[tuple[str, str], str] = {}  # (server, tool) → its name for the model, kept
@@ -2467,8 +2472,7 @@ def stop_starting_up(signum: int, frame: Any) -> None:
 
 
 def run(config: Config, display: Display) -> None:
-    tools = Toolbox(list(config.mcp), config.approve_tools, sys.stdin.isatty(),
-                    config.tool_timeout, display, time.monotonic())
+    tools = Toolbox(config, sys.stdin.isatty(), display)
     try:
         recorder = start_recorder(config.plumbing)
         player = Player(config.plumbing)

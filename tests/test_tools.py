@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import API_KEY, BYTES_PER_SECOND, assert_no_orphans, noise
+from test_resilience import replayed
 from test_sox import longest_gap_ms
 from test_terminal import Terminal
 
@@ -56,6 +57,8 @@ def test_a_tool_result_reaches_the_model_and_its_reply_follows_the_commentary(
 
     async def script(session):
         update = await session.handshake()
+        if session.number == 2:  # a new session is told, as text, what the tool returned
+            await asyncio.sleep(3600)
         seen["tools"] = await tools_ready(session, update, "lookup_word", "delete_note")
         missing = await session.call_tool("no_such_tool", {})
         seen["missing"] = await session.tool_output(missing)
@@ -65,12 +68,12 @@ def test_a_tool_result_reaches_the_model_and_its_reply_follows_the_commentary(
         seen["output"] = await session.tool_output(call_id)
         await session.expect("response.create")
         await session.reply(answer, "A lighthouse guides ships", speed=10)
-        await asyncio.sleep(3600)
+        await asyncio.sleep(1.8)  # the words come before the sound: both play to their end
+        await session.ws.close(1001, "going away")
 
     server = serve(script)
     client = run_client(server, "--mcp", mcp(tmp_path), "--log", str(tmp_path / "talk.jsonl"))
-    client.wait_for("assistant: A lighthouse guides ships", timeout=20)
-    time.sleep(1.8)  # the words come before the sound: commentary and reply play to their end
+    client.wait_for("the model was told the last", timeout=20)
     assert client.stop() == 0
     assert mcp_processes(tmp_path) == []  # Ctrl-C: the server is gone with the script
 
@@ -81,6 +84,9 @@ def test_a_tool_result_reaches_the_model_and_its_reply_follows_the_commentary(
     assert "a tower with a bright light" in seen["output"]
     assert calls(tmp_path) == ["lookup_word lighthouse"]
     assert len(server.events("response.create")) == 2  # one per answered response, no more
+    assert ("system", "input_text", 'Earlier, the tool call lookup_word(word="lighthouse") '
+            'returned: {"result": "lighthouse: a tower with a bright light that guides ships"}'
+            ) in replayed(server, 2)
     assert 'tool: lookup_word(word="lighthouse")' in client.stdout
     # The commentary played in full, and the reply after it, not over it.
     heard = sox_log.heard()
@@ -241,15 +247,15 @@ def test_failing_servers_are_reported_and_the_talk_goes_on(serve, run_client, tm
     for mode, directory in dirs.items():
         directory.mkdir()
         args += ["--mcp", mcp(directory, mode)]
-    client = run_client(server, *args)
+    client = run_client(server, *args, "--mcp-start-timeout", "5")
     client.wait_for("assistant: Sorry, the dictionary crashed", timeout=20)
-    client.wait_for("failed its handshake", timeout=12)  # the silent one, after 10 s
+    client.wait_for("failed its handshake", timeout=7)  # the silent one
     assert client.stop() == 0
     err = client.stderr.replace("\n", " ")
     assert "'no-such-mcp-server' did not start (no-such-mcp-server: No such file or directory)" in err
     assert ("'mcp_tools-2' stopped (exit code 3): sqlite3.OperationalError: unable to open "
             "database file; going on without its tools") in err
-    assert "'mcp_tools-3' failed its handshake (timed out: no answer within 10 s)" in err
+    assert "'mcp_tools-3' failed its handshake (timed out: no answer within 5 s)" in err
     assert err.count("not JSON-RPC") == 1  # the noisy one: reported once, and it still works
     assert "'mcp_tools' stopped (exit code 1): fatal: out of dictionary pages" in err
     assert "the MCP server mcp_tools stopped" in outputs[0]
