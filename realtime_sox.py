@@ -180,6 +180,8 @@ class Config:
     approve_tools: str = ""  # "" (ask on a terminal), "none", "all", or "name,name"
     tool_timeout: float = 30.0
     mcp_start_timeout: float = 10.0
+    mcp_urls: tuple[tuple[str, str], ...] = ()  # (label, URL): remote servers the API calls itself
+    mcp_headers: tuple[tuple[str, str], ...] = ()
 
 
 def env(name: str, default: str) -> str:
@@ -248,6 +250,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=[line for line in env("REALTIME_MCP", "").splitlines() if line.strip()],
         help="start this local MCP server and let the model use its tools; repeatable "
              "[env REALTIME_MCP, one command per line]")
+    add("--mcp-url", action="append", metavar="URL",
+        default=[line for line in env("REALTIME_MCP_URL", "").split() if line],
+        help="a remote MCP server that the API itself calls; repeatable [env REALTIME_MCP_URL, "
+             "separated by spaces]")
+    add("--mcp-header", action="append", default=[], metavar='"NAME: VALUE"',
+        help="an HTTP header for the --mcp-url servers (an Authorization token, say); repeatable")
     add("--mcp-config", default=env("REALTIME_MCP_CONFIG", ""), metavar="FILE",
         help='MCP servers from a {"mcpServers": {…}} file, the format of desktop MCP clients '
              "[env REALTIME_MCP_CONFIG]")
@@ -353,7 +361,8 @@ def load_config(args: argparse.Namespace, env_file: Path) -> Config:
         connect_timeout=args.connect_timeout, prices=prices, max_cost=args.max_cost,
         log=TranscriptLog(args.log), plumbing=plumbing_for(args),
         mcp=tuple(mcp_commands(args.mcp, args.mcp_config)), approve_tools=args.approve_tools,
-        tool_timeout=args.tool_timeout, mcp_start_timeout=args.mcp_start_timeout)
+        tool_timeout=args.tool_timeout, mcp_start_timeout=args.mcp_start_timeout,
+        mcp_urls=tuple(remote_servers(args.mcp_url)), mcp_headers=tuple(headers(args.mcp_header)))
 
 
 def prices_for(model: str) -> Prices | None:
@@ -1382,6 +1391,31 @@ def server_name(argv: list[str]) -> str:
     return Path(words[0].rstrip("/")).stem or "mcp"
 
 
+def remote_servers(urls: list[str]) -> list[tuple[str, str]]:
+    """--mcp-url: a label for each (its host name, made unique) and the URL, which must be
+    https (the API reaches it from OpenAI's side, never from here)."""
+    labels: set[str] = set()
+    found = []
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise Fatal(f"--mcp-url {url!r} is not an https:// URL", Exit.USAGE)
+        label = re.sub(r"[^a-zA-Z0-9_-]", "_", parts.hostname.split(".")[0])
+        found.append((unique_name(label, labels), url))
+    return found
+
+
+def headers(lines: list[str]) -> list[tuple[str, str]]:
+    found = []
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            raise Fatal(f"--mcp-header must look like \"Name: value\", not {line.split(':')[0]!r}…",
+                        Exit.USAGE)
+        found.append((name.strip(), value.strip()))
+    return found
+
+
 def api_name(name: str, taken: set[str], server: str) -> str:
     """The API takes function names of ^[a-zA-Z0-9_-]{1,64}$; two servers may share a name."""
     clean = re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:64] or "tool"
@@ -1622,6 +1656,7 @@ class ToolCall:
     approval: str = ""  # who let it run: read-only, --approve-tools, you
     server: McpServer | None = None
     request_id: int | None = None
+    approval_request: str = ""  # a remote server's call that the API holds for our answer
 
 
 @dataclasses.dataclass
@@ -1631,6 +1666,7 @@ class ToolOutput:
     answer: bool  # a response.create should follow
     approval: str
     cancelled: bool = False
+    approve: bool = False  # for an approval_request: the answer
 
 
 class Toolbox:
@@ -1639,6 +1675,9 @@ class Toolbox:
 
     def __init__(self, config: Config, can_ask: bool, display: Display) -> None:
         self.servers = [McpServer(command, config.mcp_start_timeout) for command in config.mcp]
+        self.remote = [remote_tool(label, url, dict(config.mcp_headers), config.approve_tools)
+                       for label, url in config.mcp_urls]
+        self.remote_activity: dict[str, str] = {}  # item id → what the API is doing for us
         self.approve = config.approve_tools  # "" (ask), "none", "all", or "name,name"
         self.can_ask = can_ask
         self.timeout = config.tool_timeout
@@ -1653,20 +1692,21 @@ class Toolbox:
 
     @property
     def configured(self) -> bool:
-        return bool(self.servers)
+        return bool(self.servers or self.remote)
 
     def declarations(self) -> list[dict[str, Any]]:
         """The tools for session.update, as functions."""
-        return [{"type": "function", "name": name, "description": tool.get("description") or "",
-                 "parameters": tool.get("inputSchema") or {"type": "object", "properties": {}}}
-                for name, (_, tool) in self.by_name.items()]
+        return [*({"type": "function", "name": name, "description": tool.get("description") or "",
+                   "parameters": tool.get("inputSchema") or {"type": "object", "properties": {}}}
+                  for name, (_, tool) in self.by_name.items()), *self.remote]
 
     def take_changed(self) -> bool:
         changed, self.changed = self.changed, False
         return changed
 
     # The model's calls
-    def call(self, call_id: str, name: str, arguments: str, now: float) -> ToolCall:
+    def call(self, call_id: str, name: str, arguments: str, now: float,
+             approval_request: str = "") -> ToolCall:
         try:
             parsed = json.loads(arguments or "{}")
         except ValueError:
@@ -1675,8 +1715,14 @@ class Toolbox:
         parsed = parsed if isinstance(parsed, dict) else {}
         shown = f"{name}({', '.join(f'{key}={json.dumps(value)}' for key, value in parsed.items())})"
         call = ToolCall(call_id, name, parsed, shown if len(shown) <= 200 else shown[:199] + "…",
-                        now)
-        if name not in self.by_name:
+                        now, approval_request=approval_request)
+        if approval_request and (self.approve == "all" or name in self.approve.split(",")):
+            self._finish(call, "", approval="--approve-tools", approve=True)
+        elif approval_request and self.can_ask and self.approve != "none":
+            self._ask(call)
+        elif approval_request:
+            self._finish(call, "", approval="refused")
+        elif name not in self.by_name:
             self._finish(call, f"Error: there is no tool named {name!r}.")
         elif not valid:
             self._finish(call, "Error: the arguments were not a JSON object.")
@@ -1685,9 +1731,7 @@ class Toolbox:
         elif self.approve == "all" or name in self.approve.split(","):
             self._run(call, "--approve-tools", now)
         elif self.can_ask and self.approve != "none":
-            self.questions.append(call)
-            if len(self.questions) == 1:
-                self.display.ask(f"run {call.shown}? [y/N]")
+            self._ask(call)
         else:
             why = ("--approve-tools none" if self.approve == "none" else
                    "there is no terminal to ask on (see --approve-tools)")
@@ -1695,15 +1739,29 @@ class Toolbox:
                                f"and {why}.", approval="refused")
         return call
 
+    def approval_requested(self, item: dict[str, Any], now: float) -> ToolCall:
+        """A remote server's tool that is not read-only: the API waits for our answer, given by
+        the same rules as for a local tool."""
+        call = self.call(item["id"], item["name"], item.get("arguments", ""), now,
+                         approval_request=item["id"])
+        return call
+
     @property
     def question(self) -> ToolCall | None:
         return self.questions[0] if self.questions else None
+
+    def _ask(self, call: ToolCall) -> None:
+        self.questions.append(call)
+        if len(self.questions) == 1:
+            self.display.ask(f"run {call.shown}? [y/N]")
 
     def answer(self, yes: bool, now: float) -> None:
         """The person's key for the question on screen."""
         call = self.questions.popleft()
         self.display.info(f"  {'yes: running it' if yes else 'no: not running it'}")
-        if yes:
+        if call.approval_request:
+            self._finish(call, "", approval="you" if yes else "refused by you", approve=yes)
+        elif yes:
             self._run(call, "you", now)
         else:
             self._finish(call, "The person refused to run this.", approval="refused by you")
@@ -1723,10 +1781,11 @@ class Toolbox:
                                          done, self.timeout)
 
     def _finish(self, call: ToolCall, output: str, approval: str = "",
-                cancelled: bool = False) -> None:
-        self.outputs.append(ToolOutput(call, output, call.answer, approval or call.approval,
-                                       cancelled))
-        self.reply_owed = self.reply_owed or call.answer
+                cancelled: bool = False, approve: bool = False) -> None:
+        answer = call.answer and not call.approval_request  # the API goes on by itself
+        self.outputs.append(ToolOutput(call, output, answer, approval or call.approval,
+                                       cancelled, approve))
+        self.reply_owed = self.reply_owed or answer
 
     def take_outputs(self) -> list[ToolOutput]:
         outputs, self.outputs = self.outputs, []
@@ -1801,7 +1860,7 @@ class Toolbox:
         if self.questions:
             return f"run {self.questions[0].name}? press y or n"
         if not self.running:
-            return None
+            return next(iter(self.remote_activity.values()), None)
         oldest = min(self.running.values(), key=lambda call: call.started)
         more = f" and {len(self.running) - 1} more" if len(self.running) > 1 else ""
         return f"running {oldest.name}{more}… {now - oldest.started:.1f} s"
@@ -1813,6 +1872,15 @@ class Toolbox:
     def close(self) -> None:
         for server in self.servers:
             server.close()
+
+
+def remote_tool(label: str, url: str, headers: dict[str, str], approve: str) -> dict[str, Any]:
+    """A `type: "mcp"` tool: the API calls the server. Read-only tools run without asking;
+    for the others the API sends an `mcp_approval_request`, answered by the same rules."""
+    tool: dict[str, Any] = {"type": "mcp", "server_label": label, "server_url": url,
+                            "require_approval": "never" if approve == "all"
+                            else {"never": {"read_only": True}}}
+    return {**tool, "headers": headers} if headers else tool
 
 
 def tool_output(result: dict[str, Any]) -> str:
@@ -2216,6 +2284,9 @@ class Conversation:
         item = event.get("item") or {}
         if item.get("type") == "message":
             self.remember("assistant", item.get("id", ""))
+        elif item.get("type") == "mcp_call":  # a remote server's tool, called by the API
+            self.tools.remote_activity[item["id"]] = \
+                f"running {item.get('name')} on {item.get('server_label')} (through the API)…"
 
     def on_output_item_done(self, event: dict[str, Any]) -> None:
         """A function call is run only once complete: interrupted and cancelled ones end here
@@ -2225,6 +2296,39 @@ class Conversation:
             call = self.tools.call(item["call_id"], item["name"], item.get("arguments", ""),
                                    time.monotonic())
             self.display.tool_call(call.shown)
+        elif item.get("type") == "mcp_approval_request":
+            call = self.tools.approval_requested(item, time.monotonic())
+            self.display.tool_call(f"{call.shown} on {item.get('server_label')}")
+        elif item.get("type") == "mcp_call":
+            self.tools.remote_activity.pop(item.get("id", ""), None)
+            error = item.get("error")
+            output = item.get("output") or (f"Error: {error.get('message') or error.get('type')}"
+                                            if isinstance(error, dict) else "")
+            self.display.tool_call(f"{item.get('name')}({item.get('arguments', '')}) on "
+                                   f"{item.get('server_label')} (through the API)")
+            self.display.tool_result(output)
+            self.config.log.write(event="tool", name=item.get("name"),
+                                  server=item.get("server_label"), arguments=item.get("arguments"),
+                                  result=output[:LOGGED_RESULT_CHARS])
+            self.remember("tool", item.get("id", ""), f"Earlier, the tool call {item.get('name')}"
+                          f"({item.get('arguments', '')}) returned: {output[:LOGGED_RESULT_CHARS]}")
+
+    def on_remote_tools(self, event: dict[str, Any]) -> None:
+        """mcp_list_tools.*: the API lists a remote server's tools, at the session's start."""
+        item_id = event.get("item_id", "")
+        if event["type"] == "mcp_list_tools.in_progress":
+            self.tools.remote_activity[item_id] = "the API is listing the remote MCP tools…"
+            return
+        self.tools.remote_activity.pop(item_id, None)
+        if event["type"] == "mcp_list_tools.failed":
+            self.display.warn("the API could not list the tools of a --mcp-url server; going on "
+                              "without them")
+
+    def on_item_done(self, event: dict[str, Any]) -> None:
+        item = event.get("item") or {}
+        if item.get("type") == "mcp_list_tools":
+            names = ", ".join(tool.get("name", "?") for tool in item.get("tools") or []) or "none"
+            self.display.info(f"tools from {item.get('server_label')} (through the API): {names}")
 
     def on_audio_delta(self, event: dict[str, Any]) -> None:
         if event.get("item_id") in self.interrupted:
@@ -2301,6 +2405,15 @@ class Conversation:
         no response is running (a response.create during one is refused)."""
         for done in self.tools.take_outputs():
             call, kept = done.call, done.output[:LOGGED_RESULT_CHARS]
+            if call.approval_request:  # the API runs it, or not, and goes on by itself
+                self.display.tool_result("approved" if done.approve else "refused")
+                self.config.log.write(event="tool approval", name=call.name,
+                                      arguments=call.arguments, approved_by=done.approval,
+                                      approve=done.approve)
+                self.send({"type": "conversation.item.create", "item": {
+                    "type": "mcp_approval_response", "id": f"approval_{call.call_id}"[:32],
+                    "approval_request_id": call.approval_request, "approve": done.approve}})
+                continue
             self.display.tool_result(done.output)
             self.config.log.write(event="tool", call_id=call.call_id, name=call.name,
                                   arguments=call.arguments, approved_by=done.approval, result=kept)
@@ -2415,20 +2528,23 @@ HANDLERS: dict[str, Handler] = {
     "response.output_audio_transcript.delta": Conversation.on_transcript_delta,
     "response.output_audio_transcript.done": Conversation.on_transcript_done,
     "response.done": Conversation.on_response_done,
+    "conversation.item.done": Conversation.on_item_done,
+    "mcp_list_tools.in_progress": Conversation.on_remote_tools,
+    "mcp_list_tools.completed": Conversation.on_remote_tools,
+    "mcp_list_tools.failed": Conversation.on_remote_tools,
 }
 # Events that need nothing from a terminal client (still valid, so not reported as unknown).
 QUIET_EVENTS = {
     "input_audio_buffer.cleared",
     "input_audio_buffer.timeout_triggered", "conversation.created", "conversation.item.added",
-    "conversation.item.created", "conversation.item.done", "conversation.item.truncated",
+    "conversation.item.created", "conversation.item.truncated",
     "conversation.item.deleted", "conversation.item.retrieved",
     "conversation.item.input_audio_transcription.delta",
     "conversation.item.input_audio_transcription.segment",
     "response.content_part.added", "response.content_part.done",
     "response.output_text.delta", "response.output_text.done",
     "response.function_call_arguments.delta", "response.function_call_arguments.done",
-    "rate_limits.updated", "mcp_list_tools.in_progress", "mcp_list_tools.completed",
-    "mcp_list_tools.failed", "response.mcp_call_arguments.delta", "response.mcp_call_arguments.done",
+    "rate_limits.updated", "response.mcp_call_arguments.delta", "response.mcp_call_arguments.done",
     "response.mcp_call.in_progress", "response.mcp_call.completed", "response.mcp_call.failed",
 }
 

@@ -267,3 +267,52 @@ def test_failing_servers_are_reported_and_the_talk_goes_on(serve, run_client, tm
     assert all(a != b for a, b in zip(declared, declared[1:], strict=False))  # only changes are sent
     for directory in dirs.values():
         assert mcp_processes(directory) == []
+
+
+def test_remote_servers_are_called_by_the_api_with_the_same_consent(serve, run_client):
+    approvals: list[dict] = []
+
+    async def script(session):
+        update = await session.handshake()
+        (remote,) = update["session"]["tools"]
+        session.server.declared = remote
+        listing = "mcpl_1"
+        await session.send("mcp_list_tools.in_progress", item_id=listing)
+        await session.send("conversation.item.done", item={
+            "id": listing, "type": "mcp_list_tools", "server_label": "dict", "tools": [
+                {"name": "define", "input_schema": {"type": "object"},
+                 "annotations": {"readOnlyHint": True}},
+                {"name": "delete_page", "input_schema": {"type": "object"}},
+                {"name": "wipe_all", "input_schema": {"type": "object"}}]})
+        await session.send("mcp_list_tools.completed", item_id=listing)
+        call = {"id": "mcp_1", "type": "mcp_call", "name": "define", "server_label": "dict",
+                "arguments": '{"word": "lighthouse"}'}
+        await session.send("response.output_item.added", response_id="resp_r", output_index=0,
+                           item=call)
+        await session.send("response.mcp_call.in_progress", item_id="mcp_1", output_index=0)
+        await session.send("response.mcp_call.completed", item_id="mcp_1", output_index=0)
+        await session.send("response.output_item.done", response_id="resp_r", output_index=0,
+                           item={**call, "output": "a tower with a light"})
+        for name in ("delete_page", "wipe_all"):
+            await session.send("response.output_item.done", response_id="resp_r", output_index=0,
+                               item={"id": f"mcpr_{name}", "type": "mcp_approval_request",
+                                     "name": name, "server_label": "dict", "arguments": "{}"})
+            approvals.append((await session.expect("conversation.item.create"))["item"])
+        await asyncio.sleep(3600)
+
+    server = serve(script)
+    client = run_client(server, "--mcp-url", "https://dict.example.com/mcp", "--mcp-header",
+                        "Authorization: Bearer t0k", "--approve-tools", "delete_page")
+    client.wait_for("wipe_all() on dict", timeout=10)
+    time.sleep(0.3)
+    assert client.stop() == 0
+    assert server.declared == {"type": "mcp", "server_label": "dict",
+                               "server_url": "https://dict.example.com/mcp",
+                               "headers": {"Authorization": "Bearer t0k"},
+                               "require_approval": {"never": {"read_only": True}}}
+    assert "tools from dict (through the API): define, delete_page, wipe_all" in client.stdout
+    assert 'tool: define({"word": "lighthouse"}) on dict (through the API)' in client.stdout
+    assert "→ a tower with a light" in client.stdout
+    assert [(a["approval_request_id"], a["approve"]) for a in approvals] == [
+        ("mcpr_delete_page", True), ("mcpr_wipe_all", False)]  # no terminal: refused
+    assert server.events("response.create") == []  # the API goes on by itself
