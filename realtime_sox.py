@@ -16,8 +16,8 @@ API" (noboru-kudo, 2024), moved onto today's GA interface. One thread, one `sele
     WebSocket --> response.output_audio.delta --> our queue --paced--> sox player --stdin
 
 Read top to bottom: configuration, the sox processes, the connection (opened step by step by the
-loop), staying connected, the screen, the conversation (one handler per server event), the loop,
-the audio check, and `main`.
+loop), staying connected, tools (MCP servers), the screen, the conversation (one handler per
+server event), the loop, the audio check, and `main`.
 """
 
 from __future__ import annotations
