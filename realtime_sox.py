@@ -362,7 +362,7 @@ def load_config(args: argparse.Namespace, env_file: Path) -> Config:
         log=TranscriptLog(args.log), plumbing=plumbing_for(args),
         mcp=tuple(mcp_commands(args.mcp, args.mcp_config)), approve_tools=args.approve_tools,
         tool_timeout=args.tool_timeout, mcp_start_timeout=args.mcp_start_timeout,
-        mcp_urls=tuple(remote_servers(args.mcp_url)), mcp_headers=tuple(headers(args.mcp_header)))
+        mcp_urls=tuple(remote_servers(args.mcp_url)), mcp_headers=tuple(mcp_headers(args.mcp_header)))
 
 
 def prices_for(model: str) -> Prices | None:
@@ -437,6 +437,23 @@ def sox_environment() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if name not in SOX_OVERRIDES}
 
 
+class StderrTail:
+    """The last lines a child wrote to stderr, kept for the day it fails. Only the last ones:
+    CoreAudio's "buffer overrun" warnings can come every few ms, and a tool's log never ends."""
+
+    def __init__(self) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=20)
+        self.partial = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """The complete lines this chunk ends."""
+        *complete, partial = (self.partial + chunk).split(b"\n")
+        self.partial = partial[-4096:] if chunk else b""
+        new = [text for line in complete if (text := line.decode(errors="replace").strip())]
+        self.lines.extend(new)
+        return new
+
+
 class Sox:
     """One sox child. Its stderr is read by the loop: sox exits 0 when the audio server goes away,
     and its `sox FAIL …` line is the only account of why."""
@@ -444,10 +461,8 @@ class Sox:
     def __init__(self, role: str, args: list[str], env_extra: dict[str, str]) -> None:
         self.role, self.args, self.env_extra = role, args, env_extra
         self.selector: selectors.BaseSelector | None = None
-        # Only the last lines: CoreAudio's "buffer overrun" warnings can come every few ms.
-        self.stderr_lines: collections.deque[str] = collections.deque(maxlen=20)
+        self.stderr = StderrTail()
         self.failed: str | None = None  # the last `sox FAIL` line
-        self._stderr_partial = b""
         # Own session: the terminal's Ctrl-C reaches us only, and we stop sox in our own order.
         self.process = subprocess.Popen(
             ["sox", *args], stdin=subprocess.PIPE if role == "player" else subprocess.DEVNULL,
@@ -491,12 +506,7 @@ class Sox:
             chunk = os.read(self.process.stderr.fileno(), 4096)
         except BlockingIOError:
             return True
-        lines = (self._stderr_partial + chunk).split(b"\n")
-        self._stderr_partial = lines.pop()[-4096:] if chunk else b""
-        for line in lines:
-            text = line.decode(errors="replace").strip()
-            if text:
-                self.stderr_lines.append(text)
+        for text in self.stderr.feed(chunk):
             if "FAIL" in text:  # only FAIL is fatal; WARN and INFO lines are sox talking
                 self.failed = text
         return bool(chunk)
@@ -504,7 +514,7 @@ class Sox:
     def failure(self) -> str:
         """sox's own reason, without the ALSA probing noise that precedes it."""
         self.read_stderr_to_end()
-        reason = self.failed or ([line for line in self.stderr_lines
+        reason = self.failed or ([line for line in self.stderr.lines
                                   if not line.startswith("ALSA lib")]
                                  or [f"exited with code {self.process.poll()}"])[-1]
         return f"the sox {self.role} stopped: {reason}"
@@ -1405,7 +1415,7 @@ def remote_servers(urls: list[str]) -> list[tuple[str, str]]:
     return found
 
 
-def headers(lines: list[str]) -> list[tuple[str, str]]:
+def mcp_headers(lines: list[str]) -> list[tuple[str, str]]:
     found = []
     for line in lines:
         name, colon, value = line.partition(":")
@@ -1441,10 +1451,10 @@ class McpServer:
         self.changed = False  # its tools arrived or went away: the model must be told
         self.tools: list[dict[str, Any]] = []
         self.notices: list[str] = []  # for the screen, once each
-        self.stderr_lines: collections.deque[str] = collections.deque(maxlen=20)
+        self.stderr = StderrTail()
         self.pending: dict[int, tuple[Reply, float, float]] = {}  # id → (reply, deadline, timeout)
         self.next_id = 1
-        self.inbox, self.outbox, self.stderr_partial = b"", b"", b""
+        self.inbox, self.outbox = b"", b""
         self.bad_json = False
         self.ended_at: float | None = None  # its output closed: it is exiting
         self.selector: selectors.BaseSelector | None = None
@@ -1571,10 +1581,7 @@ class McpServer:
         if stream is None or stream.closed:
             return
         while (chunk := read_available(stream.fileno())):
-            *lines, self.stderr_partial = (self.stderr_partial + chunk).split(b"\n")
-            self.stderr_partial = self.stderr_partial[-4096:]
-            self.stderr_lines.extend(text for line in lines
-                                     if (text := line.decode(errors="replace").strip()))
+            self.stderr.feed(chunk)
         if chunk == b"" and self.selector is not None:  # at its end: stop watching it
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(stream)
@@ -1603,7 +1610,7 @@ class McpServer:
         if self.state == "failed":
             return
         self._read_stderr()
-        last_words = next((line for line in reversed(self.stderr_lines)), "")
+        last_words = self.stderr.lines[-1] if self.stderr.lines else ""
         self.failure = reason + (f": {last_words}" if last_words else "")
         self.state, self.changed, self.tools = "failed", True, []
         self.close(wait=0)
@@ -1742,9 +1749,8 @@ class Toolbox:
     def approval_requested(self, item: dict[str, Any], now: float) -> ToolCall:
         """A remote server's tool that is not read-only: the API waits for our answer, given by
         the same rules as for a local tool."""
-        call = self.call(item["id"], item["name"], item.get("arguments", ""), now,
+        return self.call(item["id"], item["name"], item.get("arguments", ""), now,
                          approval_request=item["id"])
-        return call
 
     @property
     def question(self) -> ToolCall | None:
@@ -1800,7 +1806,6 @@ class Toolbox:
 
     def cancel_all(self, reason: str) -> None:
         """Enter (or a lost connection): running tools are cancelled and questions withdrawn."""
-        self.reply_owed = False
         for call in [*self.running.values(), *self.questions]:
             call.answer = False
             if call.server is not None and call.request_id is not None:
@@ -2304,14 +2309,10 @@ class Conversation:
             error = item.get("error")
             output = item.get("output") or (f"Error: {error.get('message') or error.get('type')}"
                                             if isinstance(error, dict) else "")
-            self.display.tool_call(f"{item.get('name')}({item.get('arguments', '')}) on "
-                                   f"{item.get('server_label')} (through the API)")
-            self.display.tool_result(output)
-            self.config.log.write(event="tool", name=item.get("name"),
-                                  server=item.get("server_label"), arguments=item.get("arguments"),
-                                  result=output[:LOGGED_RESULT_CHARS])
-            self.remember("tool", item.get("id", ""), f"Earlier, the tool call {item.get('name')}"
-                          f"({item.get('arguments', '')}) returned: {output[:LOGGED_RESULT_CHARS]}")
+            shown = f"{item.get('name')}({item.get('arguments', '')})"
+            self.display.tool_call(f"{shown} on {item.get('server_label')} (through the API)")
+            self.tool_returned(item.get("id", ""), shown, output, name=item.get("name"),
+                               server=item.get("server_label"), arguments=item.get("arguments"))
 
     def on_remote_tools(self, event: dict[str, Any]) -> None:
         """mcp_list_tools.*: the API lists a remote server's tools, at the session's start."""
@@ -2404,7 +2405,7 @@ class Conversation:
         """Finished calls go back to the model; one reply follows once every call is answered and
         no response is running (a response.create during one is refused)."""
         for done in self.tools.take_outputs():
-            call, kept = done.call, done.output[:LOGGED_RESULT_CHARS]
+            call = done.call
             if call.approval_request:  # the API runs it, or not, and goes on by itself
                 self.display.tool_result("approved" if done.approve else "refused")
                 self.config.log.write(event="tool approval", name=call.name,
@@ -2414,18 +2415,25 @@ class Conversation:
                     "type": "mcp_approval_response", "id": f"approval_{call.call_id}"[:32],
                     "approval_request_id": call.approval_request, "approve": done.approve}})
                 continue
-            self.display.tool_result(done.output)
-            self.config.log.write(event="tool", call_id=call.call_id, name=call.name,
-                                  arguments=call.arguments, approved_by=done.approval, result=kept)
-            if not done.cancelled:
-                self.remember("tool", call.call_id, f"Earlier, the tool call {call.shown} "
-                                                    f"returned: {kept}")
+            self.tool_returned(call.call_id, call.shown, done.output, not done.cancelled,
+                               call_id=call.call_id, name=call.name, arguments=call.arguments,
+                               approved_by=done.approval)
             self.send({"type": "conversation.item.create", "item": {
                 "type": "function_call_output", "call_id": call.call_id, "output": done.output}})
         if self.tools.reply_owed and not (self.tools.busy() or self.response_active
                                           or self.user_speaking) and self.link.ready:
             self.tools.reply_owed = False
             self.send({"type": "response.create"})
+
+    def tool_returned(self, item_id: str, shown: str, output: str, kept: bool = True,
+                      **record: Any) -> None:
+        """A tool's result, local or remote: on screen, in the log, and (unless cancelled) in
+        what a new session is told."""
+        self.display.tool_result(output)
+        self.config.log.write(event="tool", **record, result=output[:LOGGED_RESULT_CHARS])
+        if kept:
+            self.remember("tool", item_id, f"Earlier, the tool call {shown} returned: "
+                                           f"{output[:LOGGED_RESULT_CHARS]}")
 
     def on_keys(self, chunk: bytes) -> bytes:
         """A question about a tool takes the next key: y runs it, any other refuses. The rest
