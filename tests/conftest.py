@@ -151,12 +151,13 @@ def base_env(tmp_path: Path, sox_log: SoxLog) -> dict[str, str]:
 
 @pytest.fixture
 def serve() -> Iterator[Any]:
-    """serve(script, refuse=None, tls=None) starts a fake Realtime server; all are checked and stopped."""
+    """serve(script, refuse=None, tls=None, vad=False) starts a fake Realtime server; all are
+    checked and stopped."""
     servers: list[FakeRealtime] = []
 
     def start(script: Script, refuse: tuple[int, str] | None = None,
-              tls: ssl.SSLContext | None = None) -> FakeRealtime:
-        servers.append(FakeRealtime(script, refuse, tls))
+              tls: ssl.SSLContext | None = None, vad: bool = False) -> FakeRealtime:
+        servers.append(FakeRealtime(script, refuse, tls, vad))
         return servers[-1]
 
     yield start

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import itertools
 import json
+import math
 import ssl
 import threading
 import time
@@ -63,6 +64,40 @@ def audio_formats(event: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             and isinstance(audio[side].get("format"), dict)]
 
 
+class Vad:
+    """The server's voice activity detection, as a loudness gate on the appended audio: speech
+    starts after 60 ms above -40 dBFS (a real server's VAD hears an echoed voice just as well) and
+    stops after 500 ms below it; `audio_start_ms` includes 300 ms of prefix, as the API's does."""
+
+    WINDOW = 960  # 20 ms
+    LOUD = 0.01
+
+    def __init__(self) -> None:
+        self.held = b""
+        self.ms = 0  # audio received so far
+        self.loud_run = self.quiet_run = 0
+        self.speaking = False
+
+    def hear(self, audio: bytes) -> list[str]:
+        """"started" and "stopped" as they happen in this audio."""
+        found = []
+        self.held += audio
+        while len(self.held) >= self.WINDOW:
+            window, self.held = self.held[:self.WINDOW], self.held[self.WINDOW:]
+            self.ms += 20
+            samples = memoryview(window).cast("h")
+            loud = math.hypot(*samples) / math.sqrt(len(samples)) / 32768 > self.LOUD
+            self.loud_run = self.loud_run + 1 if loud else 0
+            self.quiet_run = 0 if loud else self.quiet_run + 1
+            if not self.speaking and self.loud_run == 3:
+                self.speaking = True
+                found.append("started")
+            elif self.speaking and self.quiet_run == 25:
+                self.speaking = False
+                found.append("stopped")
+        return found
+
+
 class Session:
     """One client connection, as a script sees it."""
 
@@ -70,6 +105,10 @@ class Session:
         self.server = server
         self.ws = ws
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.vad = Vad()
+        self.speech = asyncio.Event()  # set by the VAD at speech_started; a reply stops at it
+        self.turns: asyncio.Queue[str] = asyncio.Queue()  # the person's committed items
+        self.turn_id = ""
         server.sessions_received.append([])
         self.number = len(server.sessions_received)  # 1 for the first connection, 2 for the next
         self.received = server.sessions_received[-1]
@@ -228,8 +267,10 @@ class FakeRealtime:
     """The server, on its own thread and event loop; `url` is an OPENAI_BASE_URL for it."""
 
     def __init__(self, script: Script, refuse: tuple[int, str] | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, vad: bool = False) -> None:
         self.script = script
+        self.vad = vad  # detect speech in the appended audio, like turn_detection server_vad
+        self.speech_started: list[float] = []  # when the VAD heard speech (monotonic)
         self.refuse = refuse  # (HTTP status, body) to fail the handshake with
         self.tls = tls  # serve wss:// on localhost with this context
         self.upgrade_delay: list[float] = []  # seconds to hold the n-th upgrade answer back
@@ -305,9 +346,26 @@ class FakeRealtime:
                 self.received.append((time.monotonic(), event))
                 session.received.append(event)
                 self.problems += problems_with(event)
+                if self.vad and event["type"] == "input_audio_buffer.append":
+                    await self._detect_speech(session, base64.b64decode(event["audio"]))
                 await session.inbox.put(event)
         finally:
             self.closed_with.append(session.ws.close_code)
+
+    async def _detect_speech(self, session: Session, audio: bytes) -> None:
+        for change in session.vad.hear(audio):
+            item_id = f"item_user_{session.vad.ms}"
+            if change == "started":
+                self.speech_started.append(time.monotonic())
+                session.speech.set()
+                session.turn_id = item_id
+                await session.send("input_audio_buffer.speech_started", item_id=item_id,
+                                   audio_start_ms=max(session.vad.ms - 360, 0))
+            else:
+                await session.send("input_audio_buffer.speech_stopped", item_id=session.turn_id,
+                                   audio_end_ms=session.vad.ms - 500)
+                await session.send("input_audio_buffer.committed", item_id=session.turn_id)
+                await session.turns.put(session.turn_id)
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
