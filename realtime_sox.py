@@ -35,6 +35,7 @@ import getpass
 import ipaddress
 import json
 import math
+import operator
 import os
 import random
 import re
@@ -216,9 +217,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=env("REALTIME_NOISE_REDUCTION", "none"),
         help="the API's input noise reduction: near_field for headsets, far_field for laptop "
              "microphones [env REALTIME_NOISE_REDUCTION; default %(default)s]")
-    add("--duplex", choices=["full", "half"], default=env("REALTIME_DUPLEX", "full"),
-        help="'half' mutes the microphone while the assistant speaks, so laptop speakers cannot "
-             "make it answer itself [env REALTIME_DUPLEX; default %(default)s]")
+    add("--duplex", choices=["auto", "full", "half"], default=env("REALTIME_DUPLEX", "auto"),
+        help="'auto' learns how your speakers reach the microphone and holds back the assistant's "
+             "own voice, yet hears you speak over it; 'half' mutes the microphone while the "
+             "assistant speaks; 'full' sends everything (headphones) [env REALTIME_DUPLEX; "
+             "default %(default)s]")
     add("--max-cost", type=float, default=env("REALTIME_MAX_COST", "") or None, metavar="USD",
         help="warn at 80%% of this spend and end the session at 100%% [env REALTIME_MAX_COST]")
     add("--log", default=env("REALTIME_LOG", ""), metavar="PATH",
@@ -357,12 +360,20 @@ def load_config(args: argparse.Namespace, env_file: Path) -> Config:
         api_key=api_key(env_file), url=url, model=args.model, voice=args.voice,
         instructions=args.instructions, transcription_model=args.transcription_model,
         turn_detection=args.turn_detection, vad_threshold=args.vad_threshold,
-        noise_reduction=args.noise_reduction, duplex=args.duplex, keepalive=args.keepalive,
+        noise_reduction=args.noise_reduction, duplex=duplex_for(args), keepalive=args.keepalive,
         connect_timeout=args.connect_timeout, prices=prices, max_cost=args.max_cost,
         log=TranscriptLog(args.log), plumbing=plumbing_for(args),
         mcp=tuple(mcp_commands(args.mcp, args.mcp_config)), approve_tools=args.approve_tools,
         tool_timeout=args.tool_timeout, mcp_start_timeout=args.mcp_start_timeout,
         mcp_urls=tuple(remote_servers(args.mcp_url)), mcp_headers=tuple(mcp_headers(args.mcp_header)))
+
+
+def duplex_for(args: argparse.Namespace) -> str:
+    """The echo guard times the played audio by the Player's ledger: the article's plumbing, which
+    writes a reply all at once and cannot stop it, gets half duplex instead."""
+    if args.duplex == "auto" and not PLUMBING[args.plumbing].barge_in:
+        return "half"
+    return str(args.duplex)
 
 
 def prices_for(model: str) -> Prices | None:
@@ -620,8 +631,9 @@ class Player:
     heard and can stop the sound at once. The player's clock starts when audio is written to an
     idle player; after that it consumes BYTES_PER_SECOND until it runs dry."""
 
-    def __init__(self, plumbing: Plumbing) -> None:
+    def __init__(self, plumbing: Plumbing, echo: EchoGuard | None = None) -> None:
         self.plumbing = plumbing
+        self.echo = echo  # told what plays when: its reference
         self.sox = start_player(plumbing)
         self.queue: collections.deque[tuple[HeardItem | None, memoryview]] = collections.deque()
         self.queued_bytes = 0
@@ -705,6 +717,8 @@ class Player:
             self.blocked_since = None
             if self.played(now) >= self.written:  # the player ran dry: its clock restarts now
                 self.clock_start = now - self.written / BYTES_PER_SECOND
+            if self.echo is not None:
+                self.echo.played(audio[:count], self.clock_start + self.written / BYTES_PER_SECOND)
             if item is not None:
                 if item.start_offset is None:
                     item.start_offset = self.written
@@ -750,12 +764,316 @@ class Player:
 
     def stop(self) -> None:
         """Silence now: SIGKILL (SIGTERM lets sox play ~220 ms more), drop the queue, respawn."""
+        if self.echo is not None:
+            self.echo.silenced(time.monotonic())
         self.sox = self.sox.restart()
         self.queue.clear()
         self.queued_bytes = self.written = 0
         self.items.clear()
         self.waiting_since = self.blocked_since = None
         self.padded = True
+
+
+# --- The echo guard ------------------------------------------------------------------------------
+
+# Laptop speakers reach the laptop's microphone: the model would hear its own voice and answer it.
+# Without an echo canceller, the guard uses what only this script knows: what was played, and when
+# (the Player's ledger). It learns how the room returns that sound to the microphone, holds back
+# what is only the echo, and lets through the person speaking over it.
+
+ECHO_BIN = 0.010  # s: both envelopes are 10 ms bins
+ECHO_MAX_DELAY = 50  # bins: the longest speaker-to-microphone delay it looks for (500 ms)
+ECHO_WINDOW = 400  # bins (4 s) it learns from, relearning every ECHO_RELEARN bins
+ECHO_RELEARN = 100
+ECHO_DECAYS = (100, 200, 300, 450, 650, 900)  # ms: the room tails (RT60) it tries
+ECHO_MARGIN = 10 ** 0.45  # power: the person is 4.5 dB above the (calibrated) echo...
+ECHO_FRAMES = 3  # ...in this many 20 ms frames in a row (one fewer at 12 dB above)
+ECHO_ABOVE_NOISE = 10.0  # ...and 10 dB above the room's noise
+ECHO_CALIBRATION = 0.99  # the share of echo-only frames the prediction must cover
+ECHO_PREROLL = 0.36  # s of microphone audio sent at a barge-in: the words before it was sure
+ECHO_NONE = 1e-4  # power gain (-40 dB): no echo worth guarding against (headphones)
+
+
+def frame_power(pcm: bytes | bytearray | memoryview) -> float:
+    """Mean square of 16-bit PCM, 0..1 full scale. math.hypot takes all the samples in one call,
+    so 20 ms cost ~8 µs: no Python loop per sample."""
+    samples = memoryview(pcm[:len(pcm) // 2 * 2]).cast("h")
+    return (math.hypot(*samples) / 32768) ** 2 / len(samples) if len(samples) else 0.0
+
+
+class SampleClock:
+    """When a recorder's sample was captured, from how many samples it has delivered: sox hands
+    them on in 4096-byte pieces, each arriving some ms late, but never early. The earliest
+    arrival (less its audio's length) is the clock's start; it may creep later by 100 ppm, as a
+    device clock that runs slow does."""
+
+    DRIFT = 1e-4
+
+    def __init__(self) -> None:
+        self.received = 0  # bytes
+        self.start: float | None = None
+        self.updated = 0.0
+
+    def arrived(self, count: int, now: float) -> None:
+        self.received += count
+        earliest = now - self.received / BYTES_PER_SECOND
+        if self.start is None:
+            self.start = earliest
+        else:
+            self.start = min(self.start + (now - self.updated) * self.DRIFT, earliest)
+        self.updated = now
+
+    def time_of(self, offset: int) -> float:
+        assert self.start is not None
+        return self.start + offset / BYTES_PER_SECOND
+
+
+class Microphone:
+    """The recorder's bytes cut into appends (20 ms frames), each dated by the sample clock."""
+
+    def __init__(self, frame_bytes: int | None) -> None:
+        self.frame_bytes = frame_bytes
+        self.clock = SampleClock()
+        self.held = bytearray()
+        self.offset = 0  # bytes of the recorder's stream cut so far
+
+    def frames(self, audio: bytes, now: float) -> list[tuple[bytes, float]]:
+        self.clock.arrived(len(audio), now)
+        self.held += audio
+        size = self.frame_bytes or len(self.held)
+        cut = []
+        while self.held and len(self.held) >= size:
+            cut.append((bytes(self.held[:size]), self.clock.time_of(self.offset)))
+            del self.held[:size]
+            self.offset += size
+        return cut
+
+    def drop(self) -> None:
+        """Forget a partial frame (nobody is listening now), keeping the clock."""
+        self.offset += len(self.held)
+        self.held.clear()
+
+
+@dataclasses.dataclass(frozen=True)
+class EchoPath:
+    """The learned speaker-to-microphone path, on 10 ms power envelopes: what was played comes
+    back `delay` bins later, `direct` times as strong, followed by the room's tail (`tail` times
+    the sound before, fading by `decay` a bin). `margin` lifts the prediction so that 99% of the
+    echo stays under it."""
+    delay: int
+    direct: float  # power ratios
+    tail: float
+    decay: float
+    margin: float
+    match: float  # how well the envelopes correlate, 0..1
+
+    @property
+    def gain_db(self) -> float:
+        """The echo's level against what was played: all its energy, direct and tail."""
+        return 10 * math.log10(max(self.direct + self.tail / (1 - self.decay), 1e-12))
+
+
+class EchoGuard:
+    """--duplex auto. Fed what the player plays (`played`, `silenced`) and every microphone frame
+    (`hear`), it answers for each frame: PASS it on, HOLD it back (it is the assistant's own
+    voice), or PERSON (the person is speaking over the assistant: stop it, send `preroll()`).
+
+    Before it has learned the room it holds everything while the assistant is audible (as safe as
+    --duplex half); once it knows there is no echo (headphones) it passes everything (as --duplex
+    full). When in doubt it holds: a self-triggered turn costs money, a late barge-in 100 ms."""
+
+    PASS, HOLD, PERSON = "pass", "hold", "person"
+
+    def __init__(self) -> None:
+        self.reference: dict[int, float] = {}  # bin → power the speaker plays then (ledger time)
+        self.pending = bytearray()  # played audio not yet a whole bin, starting at pending_at
+        self.pending_at = 0.0
+        self.heard: collections.deque[tuple[int, float, bool]] = collections.deque(
+            maxlen=ECHO_WINDOW)  # (bin, microphone power, the person was speaking)
+        self.quiet_means: collections.deque[float] = collections.deque(maxlen=20)
+        self.noise = 1e-6  # the room's own power: the lowest 0.5 s mean of the last 10 s
+        self.path: EchoPath | None = None
+        self.no_echo = False
+        self.direct = self.room = 0.0  # the delayed reference now, and its tail in the room
+        self.loud_frames = self.very_loud = 0
+        self.bins_heard = 0
+        self.person = False  # speaking over the assistant, until the next reply plays
+        self.interrupted_at = -math.inf
+        self.audible_until = -math.inf  # the end of the last played audio (ledger time)
+        self.preroll_frames: collections.deque[bytes] = collections.deque()
+
+    # What the player plays
+    def played(self, audio: bytes | memoryview, at: float) -> None:
+        """`audio` was written to the player and becomes audible at `at` (the ledger's clock)."""
+        if abs(at - (self.pending_at + len(self.pending) / BYTES_PER_SECOND)) > 0.002:
+            self._bin_pending()  # not contiguous with the last write: a new stretch of sound
+            self.pending_at = at
+        if self.person and frame_power(audio) > 0:
+            self.person = False  # a new reply: guard it
+        self.pending += audio
+        self.audible_until = max(self.audible_until, at + len(audio) / BYTES_PER_SECOND)
+        while len(self.pending) >= ECHO_BIN * BYTES_PER_SECOND:
+            self._bin_pending(int(ECHO_BIN * BYTES_PER_SECOND))
+
+    def _bin_pending(self, size: int | None = None) -> None:
+        size = len(self.pending) if size is None else size
+        if size:
+            key = round(self.pending_at / ECHO_BIN)
+            self.reference[key] = max(self.reference.get(key, 0.0),
+                                      frame_power(self.pending[:size]))
+            del self.pending[:size]
+            self.pending_at += size / BYTES_PER_SECOND
+
+    def silenced(self, now: float) -> None:
+        """The player was stopped: what it was going to play never will be."""
+        self.pending.clear()
+        cut = round(now / ECHO_BIN)
+        self.reference = {key: power for key, power in self.reference.items() if key < cut}
+        self.audible_until = min(self.audible_until, now)
+
+    # What the microphone hears
+    def hear(self, frame: bytes, captured: float) -> str:
+        """PASS, HOLD or PERSON for this frame, captured at `captured` (the sample clock)."""
+        self.preroll_frames.append(frame)
+        while sum(map(len, self.preroll_frames)) > ECHO_PREROLL * BYTES_PER_SECOND + len(frame):
+            self.preroll_frames.popleft()
+        size = int(ECHO_BIN * BYTES_PER_SECOND)
+        heard = expected = 0.0
+        bins = 0
+        for start in range(0, len(frame), size):
+            key = round((captured + start / BYTES_PER_SECOND) / ECHO_BIN)
+            power = frame_power(frame[start:start + size])
+            self.heard.append((key, power, self.person))
+            heard += power
+            expected += self._expected(key)
+            bins += 1
+            self.bins_heard += 1
+            if self.bins_heard % ECHO_RELEARN == 0:
+                self._track_noise()
+                self._learn()
+        return self._verdict(heard, expected, bins * self.noise, captured)
+
+    def _expected(self, key: int) -> float:
+        """The echo this bin should carry, at its loudest (10 ms of slack either way: a new
+        player may start a little sooner or later)."""
+        if self.path is None:
+            return 0.0
+        path, at = self.path, key - self.path.delay
+        self.room = self.room * path.decay + self.direct
+        self.direct = max(self.reference.get(at + shift, 0.0) for shift in (-1, 0, 1))
+        return self.noise + path.margin * (path.direct * self.direct + path.tail * self.room)
+
+    def _verdict(self, heard: float, expected: float, noise: float, captured: float) -> str:
+        audible = captured < self.audible_until + 0.5  # 0.5 s: the longest delay and tail
+        if self.person or self.no_echo or not audible:
+            self.loud_frames = 0
+            return self.PASS
+        if self.path is None:  # still learning the room: the microphone is the assistant's
+            return self.HOLD
+        loud = heard > ECHO_MARGIN * expected and heard > ECHO_ABOVE_NOISE * noise
+        self.loud_frames = self.loud_frames + 1 if loud else 0
+        self.very_loud = self.very_loud + 1 if heard > ECHO_MARGIN ** 2 * expected else 0
+        if self.loud_frames < ECHO_FRAMES and (not loud or self.very_loud < ECHO_FRAMES - 1):
+            echo_left = expected > 2 * noise or captured < self.audible_until
+            return self.HOLD if echo_left else self.PASS
+        self.loud_frames = 0
+        self.person = True
+        self.interrupted_at = captured
+        return self.PERSON
+
+    def preroll(self) -> list[bytes]:
+        """The frames up to this one: the person's first words, which were held back."""
+        frames = list(self.preroll_frames)
+        self.preroll_frames.clear()
+        return frames
+
+    # Learning the room
+    def _track_noise(self) -> None:
+        recent = [power for _, power, _ in list(self.heard)[-ECHO_RELEARN:]]
+        self.quiet_means.append(sum(recent) / len(recent))
+        self.noise = max(min(self.quiet_means), 1e-10)
+
+    def _learn(self) -> None:
+        """From the last 4 s: the delay that best lines up the envelopes, then the gain and decay
+        that best predict what the microphone heard while only the assistant spoke."""
+        heard = [(key, power) for key, power, person in self.heard if not person]
+        if len(heard) < ECHO_WINDOW // 2:
+            return
+        first, last = heard[0][0], heard[-1][0]
+        self.reference = {key: power for key, power in self.reference.items()
+                          if key > first - ECHO_MAX_DELAY - 100}
+        played = [self.reference.get(key, 0.0) for key in range(first - ECHO_MAX_DELAY - 2,
+                                                                 last + 3)]
+        sounding = sum(1 for power in played if power > 1e-7)
+        if sounding < len(played) // 4:
+            return  # too little of the assistant to learn from
+        keys = [key - first + ECHO_MAX_DELAY + 2 for key, _ in heard]
+        mic = [math.sqrt(power) for _, power in heard]
+        envelope = [math.sqrt(power) for power in played]
+        best = max(range(ECHO_MAX_DELAY + 1),
+                   key=lambda lag: correlation(mic, [envelope[key - lag] for key in keys]))
+        match = correlation(mic, [envelope[key - best] for key in keys])
+        direct = [max(played[key - best - 1:key - best + 2]) for key in keys]
+        fits = [self._fit([power for _, power in heard], direct, rt60_ms)
+                for rt60_ms in ECHO_DECAYS]
+        path = dataclasses.replace(min(fits, key=lambda fit: fit.margin), delay=best, match=match)
+        if match < 0.5:
+            if path.direct * max(played) < self.noise:  # the speaker does not reach the mic
+                self.no_echo = True
+            return
+        self.no_echo = False
+        old = self.path
+        if old is not None and path.margin * path.direct < old.margin * old.direct:
+            path = dataclasses.replace(path, margin=(path.margin + old.margin) / 2)  # slowly
+        self.path = path
+
+    def _fit(self, heard: list[float], direct: list[float], rt60_ms: float) -> EchoPath:
+        """The path for one room tail: direct and tail gains by least squares on the power
+        envelopes, then the margin that 99% of the 20 ms frames stay under."""
+        decay = 10 ** (-6 * ECHO_BIN * 1000 / rt60_ms)
+        room, tails = 0.0, []
+        for power in direct:
+            tails.append(room)
+            room = room * decay + power
+        echo = [max(power - self.noise, 0.0) for power in heard]
+        dd, dt, tt = dot(direct, direct), dot(direct, tails), dot(tails, tails)
+        de, te = dot(direct, echo), dot(tails, echo)
+        determinant = dd * tt - dt * dt
+        gain_direct = (de * tt - te * dt) / determinant if determinant > 0 else 0.0
+        gain_tail = (te * dd - de * dt) / determinant if determinant > 0 else 0.0
+        if gain_direct < 0 or gain_tail < 0:  # one term alone, whichever fits
+            gain_direct, gain_tail = (max(de / dd, 0.0), 0.0) if dd and de / dd * de > (
+                te / tt * te if tt else 0) else (0.0, max(te / tt, 0.0) if tt else 0.0)
+        predicted = [self.noise + gain_direct * d + gain_tail * t
+                     for d, t in zip(direct, tails, strict=True)]
+        frames = [(heard[n] + heard[n + 1]) / (predicted[n] + predicted[n + 1])
+                  for n in range(0, len(heard) - 1, 2)
+                  if predicted[n] + predicted[n + 1] > 4 * self.noise]
+        if not frames or gain_direct + gain_tail <= 0:
+            return EchoPath(0, 0.0, 0.0, decay, math.inf, 0.0)
+        margin = max(sorted(frames)[int(len(frames) * ECHO_CALIBRATION)], 1.0)
+        return EchoPath(0, gain_direct, gain_tail, decay, margin, 0.0)
+
+    def status(self) -> str:
+        if self.no_echo:
+            return "echo guard: no echo"
+        if self.path is None:
+            return "echo guard: learning"
+        return f"echo guard {self.path.gain_db:.0f} dB"
+
+
+def dot(a: list[float], b: list[float]) -> float:
+    return float(sum(map(operator.mul, a, b)))
+
+
+def correlation(a: list[float], b: list[float]) -> float:
+    """Pearson's r of two equally long lists (0 when either is flat); sums at C speed."""
+    count = len(a)
+    mean_a, mean_b = sum(a) / count, sum(b) / count
+    cross = sum(map(operator.mul, a, b)) - count * mean_a * mean_b
+    spread = (sum(map(operator.mul, a, a)) - count * mean_a ** 2) * \
+        (sum(map(operator.mul, b, b)) - count * mean_b ** 2)
+    return cross / math.sqrt(spread) if spread > 0 else 0.0
 
 
 # --- The connection ------------------------------------------------------------------------------
@@ -2094,7 +2412,7 @@ class Conversation:
         self.recorder = recorder
         self.player = player
         self.display = display
-        self.mic = bytearray()
+        self.microphone = Microphone(config.plumbing.frame_bytes)
         # For the watchdog (a device that vanished is silent); a microphone may take seconds to wake.
         self.mic_heard_at = time.monotonic() + MICROPHONE_WAKE
         self.mic_ms_uncommitted = 0.0
@@ -2146,7 +2464,7 @@ class Conversation:
                 turn.text = self.transcripts.get(turn.item_id, "").strip()
         self.display.end_line()
         self.response_active = self.user_speaking = False
-        self.mic.clear()
+        self.microphone.drop()
         self.tools.cancel_all("the connection to the API dropped")
 
     def on_sox_died(self, sox: Sox, reason: str = "") -> None:
@@ -2164,6 +2482,7 @@ class Conversation:
         self.display.warn(f"{reason}; restarting it")
         if sox is self.recorder:
             self.recorder = sox.restart()
+            self.microphone = Microphone(self.config.plumbing.frame_bytes)  # a new sample clock
             self.mic_heard_at = time.monotonic() + MICROPHONE_WAKE
         else:
             self.player.stop()
@@ -2183,7 +2502,12 @@ class Conversation:
         tools = self.tools.status(now)
         if tools:
             return tools
+        echo = self.player.echo
+        if echo is not None and echo.interrupted_at > now - 2:
+            return "you interrupted"
         if self.player.busy(now):
+            if echo is not None:
+                return f"assistant speaking · {echo.status()}"
             muted = " (microphone muted)" if self.config.duplex == "half" else ""
             return "assistant speaking" + muted
         return "hearing you" if self.user_speaking else "listening"
@@ -2470,21 +2794,42 @@ class Conversation:
         self.display.interrupted(words, heard_ms / max(received_ms, 1))
 
     def on_microphone(self, audio: bytes) -> None:
-        """Recorder bytes → 20 ms appends (sox delivers 4096-byte pieces on Linux)."""
+        """Recorder bytes → 20 ms appends (sox delivers 4096-byte pieces on Linux), each one
+        screened for the assistant's own voice coming back from the speakers (--duplex)."""
         now = self.mic_heard_at = time.monotonic()
+        frames = self.microphone.frames(audio, now)
         if not self.link.ready or self.ending:
             return  # no session configured (yet, or while reconnecting): the audio is dropped
+        for frame, captured in frames:
+            for sent in self.screen(frame, captured, now):
+                self.send({"type": "input_audio_buffer.append",
+                           "audio": base64.b64encode(sent).decode()})
+                self.mic_ms_uncommitted += len(sent) * 1000 / BYTES_PER_SECOND
+
+    def screen(self, frame: bytes, captured: float, now: float) -> list[bytes]:
+        """What the server gets of this frame: the frame, silence in its place (the model must
+        not hear its own voice), or, when the echo guard hears the person speak over the
+        assistant, the frames it held back since just before they started."""
+        echo = self.player.echo
+        if echo is not None:
+            verdict = echo.hear(frame, captured)
+            if verdict == EchoGuard.PERSON:
+                self.barge_in_by_voice(echo)
+                return echo.preroll()
+            return [bytes(len(frame)) if verdict == EchoGuard.HOLD else frame]
         if self.config.duplex == "half" and (
                 self.player.busy(now) or now < self.player.audible_until() + self.HALF_DUPLEX_TAIL):
-            audio = bytes(len(audio))  # the model must not hear its own voice from the speakers
-        self.mic += audio
-        size = self.config.plumbing.frame_bytes or len(self.mic)
-        while len(self.mic) >= size and self.mic:
-            frame = bytes(self.mic[:size])
-            del self.mic[:size]
-            self.send({"type": "input_audio_buffer.append",
-                       "audio": base64.b64encode(frame).decode()})
-            self.mic_ms_uncommitted += len(frame) * 1000 / BYTES_PER_SECOND
+            return [bytes(len(frame))]
+        return [frame]
+
+    def barge_in_by_voice(self, echo: EchoGuard) -> None:
+        """The person spoke over the assistant: stop it now, as the server's VAD would a moment
+        later, and tell the server (its VAD starts on the audio that follows)."""
+        path = echo.path
+        self.config.log.write(event="barge-in", by="voice",
+                              echo_gain_db=round(path.gain_db, 1) if path else None,
+                              echo_delay_ms=round(path.delay * ECHO_BIN * 1000) if path else None)
+        self.interrupt(cancel=True)
 
     def on_typed_line(self, line: str) -> None:
         if not self.link.ready:
@@ -2599,7 +2944,7 @@ def run(config: Config, display: Display) -> None:
     tools = Toolbox(config, sys.stdin.isatty(), display)
     try:
         recorder = start_recorder(config.plumbing)
-        player = Player(config.plumbing)
+        player = Player(config.plumbing, EchoGuard() if config.duplex == "auto" else None)
         conversation = Conversation(config, recorder, player, display, tools)
         try:
             conversation.link.open(time.monotonic())  # the loop takes each step of the opening
@@ -2733,24 +3078,55 @@ def check_audio(plumbing: Plumbing, display: Display) -> int:
                  "playing it back…")
     play(exact, recording)
     display.info("playing a test tone and listening for it…")
-    tone = b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * 1000 * n / SAMPLE_RATE)))
-                    for n in range(SAMPLE_RATE))
+    echo = measure_echo(exact)
+    if echo is None:
+        display.info("the microphone did not hear the speakers: the echo guard (--duplex auto) "
+                     "will send everything as it is, as full duplex does")
+        return Exit.OK
+    gain_db, delay_ms = echo
+    heard = f"your speakers reach the microphone at {round(gain_db)} dB after {delay_ms:.0f} ms"
+    if gain_db > -6:
+        display.warn(f"{heard}, about as loud as your voice: the echo guard will hold the "
+                     "assistant's voice back, but it can hardly hear you over it; use headphones "
+                     "to interrupt by voice")
+    else:
+        display.info(f"{heard}: the echo guard will hold it back; you can still interrupt by "
+                     "speaking up")
+    return Exit.OK
+
+
+TEST_TONE_AMPLITUDE = 8000
+
+
+def measure_echo(exact: Plumbing) -> tuple[float, float] | None:
+    """The speaker-to-microphone path as (gain dB, delay ms) from a 1 kHz tone, or None when the
+    microphone does not hear it. The delay is timed by the recorder's sample clock, from the moment
+    the player is started: the sound card's latencies are part of it, as they are in a talk."""
+    tone = b"".join(struct.pack("<h", int(TEST_TONE_AMPLITUDE * math.sin(
+        2 * math.pi * 1000 * n / SAMPLE_RATE))) for n in range(SAMPLE_RATE))
     recorder = start_recorder(exact)
+    clock = SampleClock()
     try:
-        before = read_for(recorder, 0.5, None)
+        before = read_for(recorder, 0.5, None, clock)
+        offset, started = clock.received, time.monotonic()
         play(exact, tone)  # meanwhile the recorder's pipe keeps what it hears
-        during = read_for(recorder, 1.0, None)
+        during = read_for(recorder, 1.2, None, clock)
     finally:
         recorder.kill(signal.SIGTERM)
-    # The 1 kHz level while the tone played, against the room's before it.
-    echo = decibels(tone_level(during))
-    if echo > -60 and echo > decibels(tone_level(before)) + 10:
-        display.warn(f"your microphone hears your speakers (the test tone came back at "
-                     f"{echo:.0f} dBFS): use headphones, or run with --duplex half so the "
-                     "assistant cannot hear itself")
-    else:
-        display.info("the microphone did not hear the speakers: full duplex is safe")
-    return Exit.OK
+    bin_bytes = int(ECHO_BIN * BYTES_PER_SECOND)
+    room = max(sorted(frame_power(before[start:start + bin_bytes]) for start in range(
+        0, len(before), bin_bytes))[len(before) // bin_bytes // 2], 1e-10)  # the echo of what
+    # played a moment ago may still be fading: the median 10 ms is the room's own sound
+    onset = next((start for start in range(0, len(during) - bin_bytes, bin_bytes)
+                  if frame_power(during[start:start + bin_bytes]) > 100 * room), None)
+    if onset is None:
+        return None
+    sounding = during[onset + bin_bytes:onset + SAMPLE_RATE]  # its first 10 ms may be partial
+    level = decibels(tone_level(sounding))
+    if level < -60 or level < decibels(tone_level(before)) + 10:
+        return None
+    delay_ms = (clock.time_of(offset + onset) - started) * 1000
+    return level - decibels(TEST_TONE_AMPLITUDE / 32768), max(delay_ms, 0.0)
 
 
 def record(plumbing: Plumbing, seconds: float, display: Display | None) -> bytes:
@@ -2761,8 +3137,10 @@ def record(plumbing: Plumbing, seconds: float, display: Display | None) -> bytes
         recorder.kill(signal.SIGTERM)
 
 
-def read_for(recorder: Sox, seconds: float, display: Display | None) -> bytes:
-    """Read the recorder for `seconds` of audio, with a level meter on a terminal."""
+def read_for(recorder: Sox, seconds: float, display: Display | None,
+             clock: SampleClock | None = None) -> bytes:
+    """Read the recorder for `seconds` of audio, with a level meter on a terminal; the sample
+    clock, if given, is told of every piece."""
     assert recorder.process.stdout is not None
     audio = bytearray()
     deadline = time.monotonic() + seconds + 5
@@ -2779,6 +3157,8 @@ def read_for(recorder: Sox, seconds: float, display: Display | None) -> bytes:
             if chunk == b"":
                 raise Fatal(recorder.failure(), Exit.AUDIO)
             audio += chunk or b""
+            if clock is not None and chunk:
+                clock.arrived(len(chunk), time.monotonic())
             if display and display.out.is_terminal:
                 level = decibels(audio_level(bytes(audio[-4800:])))
                 bar = "█" * max(0, int((level + 60) / 2))
@@ -2823,8 +3203,7 @@ def play(plumbing: Plumbing, audio: bytes) -> None:
 
 def audio_level(pcm: bytes) -> float:
     """RMS of 16-bit PCM, 0..1."""
-    samples = memoryview(pcm[:len(pcm) // 2 * 2]).cast("h")
-    return math.sqrt(sum(s * s for s in samples) / max(len(samples), 1)) / 32768
+    return math.sqrt(frame_power(pcm))
 
 
 def tone_level(pcm: bytes, frequency: float = 1000) -> float:

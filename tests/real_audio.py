@@ -34,9 +34,9 @@ def why_no_real_audio() -> str | None:
     return None
 
 
-def speech(text: str, path: Path) -> bytes:
+def speech(text: str, path: Path, voice: str = "en-us") -> bytes:
     """espeak-ng speech as 24 kHz raw PCM, the same bytes every run (`sox -R`)."""
-    espeak = subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "--stdout", text],
+    espeak = subprocess.run(["espeak-ng", "-v", voice, "-s", "160", "--stdout", text],
                             capture_output=True, check=True)
     subprocess.run(["sox", "-R", "-t", "wav", "-", *PCM[2:], "--type", "raw", str(path)],
                    input=espeak.stdout, check=True)

@@ -92,7 +92,7 @@ class Room:
         self.listen = subprocess.Popen(["parec", "--device=ci_sink.monitor", *PCM,
                                         "--latency-msec=10"], stdout=subprocess.PIPE)
         self.mouth = subprocess.Popen(["pacat", "--playback", f"--device={MIC_SINK}", *PCM,
-                                       "--latency-msec=20"], stdin=subprocess.PIPE)
+                                       "--latency-msec=10"], stdin=subprocess.PIPE)
         self.running = True
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()

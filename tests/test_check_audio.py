@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import time
 
 import pytest
 from conftest import noise
 from real_audio import loud_windows, play_into_default_sink, speech, why_no_real_audio
+from room import MIC_SOURCE, Path, Room
 
 REAL = why_no_real_audio()
 needs_real_audio = pytest.mark.skipif(REAL is not None, reason=f"needs real audio: {REAL}")
@@ -44,8 +46,34 @@ def test_check_audio_on_real_audio_finds_the_echo(run_client, real_env_path, tmp
     play_into_default_sink(tmp_path / "voice.raw")
     assert client.finish(30) == 0, client.stderr
     assert "good; playing it back" in client.stdout
-    assert "your microphone hears your speakers" in client.stderr
-    assert "--duplex half" in client.stderr
+    # The rig's microphone is the speaker's monitor: all of the sound, a few ms later.
+    found = re.search(r"your speakers reach the microphone at (-?\d+) dB after (\d+) ms",
+                      client.stderr)
+    assert found and -3 <= int(found[1]) <= 1 and 0 < int(found[2]) < 300, client.stderr
+    assert "use headphones to interrupt by voice" in client.stderr
+
+
+@needs_real_audio
+@pytest.mark.skipif("pulse-ci" not in os.environ.get("PULSE_SERVER", ""),
+                    reason="the room adds its own microphone to ../shared/pulse-rig.sh's server")
+def test_check_audio_measures_a_laptops_speaker_to_microphone_path(run_client, real_env_path,
+                                                                   tmp_path):
+    speech("Testing, testing, one two three, can you hear me?", tmp_path / "voice.raw")
+    room = Room(Path(gain_db=-14, delay_ms=35))
+    try:
+        client = run_client(None, "--check-audio", env={
+            "OPENAI_API_KEY": None, "PATH": real_env_path, "PULSE_SOURCE": MIC_SOURCE})
+        time.sleep(0.4)
+        room.say((tmp_path / "voice.raw").read_bytes())
+        assert client.finish(30) == 0, client.stderr
+    finally:
+        room.close()
+    found = re.search(r"your speakers reach the microphone at (-?\d+) dB after (\d+) ms: the "
+                      r"echo guard will hold it back; you can still interrupt by speaking up",
+                      client.stdout)
+    # A steady tone gathers the room's tail too (-3 dB of the direct path's energy): -12 dB.
+    assert found and -15 <= int(found[1]) <= -10, client.stdout + client.stderr
+    assert 35 < int(found[2]) < 300
 
 
 @needs_real_audio

@@ -1,0 +1,181 @@
+"""One trial of the echo guard in a room (tests/room.py), shared by the tests and bench/echo.py.
+
+The real script runs with the real sox against the fake Realtime server, whose VAD hears the
+appended audio as the API's would. The assistant speaks a long reply (a British voice); the person
+(an American voice) stays silent, or speaks over it `person_at` seconds after it started. What is
+measured is what a person, or the bill, would notice:
+
+- self-triggered turns: the server's VAD started a turn while the person was silent;
+- local stops: the script stopped the assistant for a voice it heard (false ones, if the person
+  was silent);
+- stop: from the person's first word to the speaker's last sound;
+- speech_started: from the person's first word to the server's VAD hearing it;
+- onset missing: how much of the person's first word the server never received;
+- answered: the reply to what the person said came and was shown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path as FilePath
+from typing import Any
+
+import numpy as np
+from conftest import API_KEY, Client
+from real_audio import speech
+from realtime_server import FakeRealtime, Session
+from room import MIC_SOURCE, Path, Room
+
+ASSISTANT = ("Here is the whole story, as you asked. The lighthouse keeper climbed the stairs every "
+             "evening at dusk, one hundred and twelve of them, counting each one under his breath. "
+             "At the top he trimmed the wick, polished the great lens until it shone, and watched "
+             "the ships come in from the grey water. Some nights the fog rolled in so thick that "
+             "he could not see his own hands, and then he rang the bell every half minute until "
+             "morning. He never missed a night in forty years, and the town still tells the story "
+             "of the winter storm when he kept the light burning for three days without sleep.")
+PERSON = "Wait, stop, can you tell me the weather instead?"
+ANSWER = "Sure, the weather is sunny today."
+
+
+@dataclasses.dataclass
+class Result:
+    self_triggered: int = 0
+    local_stops: int = 0
+    stop_ms: float | None = None
+    detect_ms: float | None = None  # from the first word to the truncate reaching the server
+    speech_started_ms: float | None = None
+    onset_missing_ms: float | None = None
+    answered: bool = False
+    assistant_seconds: float = 0.0  # of the assistant's speech the room heard
+    cpu_percent: float = 0.0
+    log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def voices(work: FilePath) -> tuple[bytes, bytes, bytes]:
+    return (speech(ASSISTANT, work / "assistant.raw", "en-gb"),
+            speech(PERSON, work / "person.raw", "en-us"),
+            speech(ANSWER, work / "answer.raw", "en-gb"))
+
+
+def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = None,
+        seconds: float | None = None, work: FilePath | None = None,
+        extra_args: tuple[str, ...] = ()) -> Result:
+    """`replies` long replies back to back (each cut to `seconds`); the person speaks `person_at`
+    s into the last one."""
+    work = work or FilePath(tempfile.mkdtemp(prefix="echo-"))
+    assistant, person, answer = voices(work)
+    if seconds is not None:
+        assistant = assistant[:int(seconds * 48_000) // 2 * 2]
+    reply_seconds = len(assistant) / 48_000
+    moments: dict[str, float] = {}
+    answers: list[float] = []
+
+    async def script(session: Session) -> None:
+        await session.handshake()
+        await asyncio.sleep(1.0)  # the microphone is awake
+        for _ in range(replies):
+            moments["last reply"] = time.monotonic()
+            await session.reply(assistant, ASSISTANT, speed=10)
+            ends = moments["last reply"] + reply_seconds + 0.3
+            while (left := ends - time.monotonic()) > 0:
+                try:
+                    await asyncio.wait_for(session.turns.get(), left)
+                except TimeoutError:
+                    break
+                answers.append(time.monotonic())  # a turn: the API answers it, as it would
+                await session.reply(answer, ANSWER, speed=10)
+                ends = time.monotonic() + len(answer) / 48_000 + 1.0
+        await asyncio.sleep(3600)
+
+    room = Room(path)
+    server = FakeRealtime(script, vad=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REALTIME_"))}
+    env.update(OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=server.url, PULSE_SOURCE=MIC_SOURCE,
+               PYTHONUNBUFFERED="1")
+    log = work / "log.jsonl"
+    started = time.monotonic()
+    client = Client(work, server, ["--duplex", duplex, "--log", str(log), *extra_args], env)
+    result = Result()
+    try:
+        client.wait_for("connected", timeout=15)
+        deadline = started + 1.5 + replies * (reply_seconds + 0.5)
+        while "last reply" not in moments:
+            time.sleep(0.05)
+        if person_at is not None:
+            while time.monotonic() < moments["last reply"] + person_at:
+                time.sleep(0.01)
+            room.say(person)
+            deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+        result.cpu_percent = cpu_seconds(client.process.pid) / (time.monotonic() - started) * 100
+        client.process.send_signal(signal.SIGINT)
+        client.finish()
+    finally:
+        if client.process.poll() is None:
+            client.process.kill()
+            client.finish()
+        room.close()
+        server.stop()
+    assert not server.problems, server.problems
+    said = room.said[0] if room.said else None
+    silent_until = said if said is not None else time.monotonic()
+    result.self_triggered = len([t for t in server.speech_started if t < silent_until])
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    result.local_stops = len([r for r in records if r.get("event") == "barge-in"])
+    loud = [at for at, level in room.speaker if level > 0.01]
+    result.assistant_seconds = len([at for at in loud if at < silent_until]) * 0.02
+    if said is not None:
+        before_answer = [at for at in loud if not answers or at < answers[0] - 0.05]
+        result.stop_ms = (max(before_answer) - said) * 1000 if before_answer else None
+        truncated = [t for t, e in server.received if e["type"] == "conversation.item.truncate"]
+        result.detect_ms = (truncated[0] - said) * 1000 if truncated else None
+        after = [t for t in server.speech_started if t >= said - 0.05]
+        result.speech_started_ms = (after[0] - said) * 1000 if after else None
+        result.onset_missing_ms = onset_missing_ms(server, person)
+        result.answered = ANSWER in client.stdout
+    result.log = [r for r in records if r.get("event") in ("barge-in", "truncated")]
+    return result
+
+
+def onset_missing_ms(server: FakeRealtime, person: bytes) -> float | None:
+    """How much of the person's first word the server did not get: the appended stream is found
+    where it carries the person's sentence (cross-correlation), and the held-back frames (exact
+    zeros) before the real audio resumed are what is missing."""
+    sent = np.frombuffer(b"".join(base64.b64decode(e["audio"]) for _, e in server.received
+                                  if e["type"] == "input_audio_buffer.append"), dtype="<i2")
+    voice = np.frombuffer(person, dtype="<i2").astype(np.float64)
+    if len(sent) < len(voice):
+        return None
+    size = 1 << int(np.ceil(np.log2(len(sent) + len(voice))))
+    lags = np.fft.irfft(np.fft.rfft(sent.astype(np.float64), size)
+                        * np.conj(np.fft.rfft(voice, size)), size)[:len(sent)]
+    at = int(np.argmax(lags))
+    windows = voice[:len(voice) // 240 * 240].reshape(-1, 240)
+    onset = at + int(np.argmax(np.sqrt(np.mean((windows / 32768) ** 2, axis=1)) > 0.01)) * 240
+    start = onset
+    while start > 0 and np.any(sent[max(start - 480, 0):start]):
+        start -= 480  # back over real audio to where the held-back silence ends
+    while start < len(sent) and not np.any(sent[start:start + 480]):
+        start += 480
+    return max(start - onset, 0) / 24.0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = FilePath(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+if __name__ == "__main__":  # a quick look: python tests/echo_trial.py auto -12 [person_at]
+    mode, gain = sys.argv[1], float(sys.argv[2])
+    at = float(sys.argv[3]) if len(sys.argv) > 3 else None
+    outcome: Any = run(mode, Path(gain_db=gain), person_at=at)
+    print(json.dumps(dataclasses.asdict(outcome), indent=1))

@@ -1,0 +1,53 @@
+"""--duplex auto, the echo guard, in a room where the speaker leaks into the microphone the way a
+laptop's does (tests/room.py): the real script and the real sox, the fake API with a VAD.
+
+The long runs (5 minutes of assistant speech per room, false stops per 10 minutes, CPU) are in
+bench/echo.py; these are the short ones CI runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import echo_trial
+import pytest
+from real_audio import why_no_real_audio
+from room import Path
+
+REASON = why_no_real_audio()
+pytestmark = [
+    pytest.mark.skipif(REASON is not None, reason=f"needs real audio: {REASON}"),
+    pytest.mark.skipif("pulse-ci" not in os.environ.get("PULSE_SERVER", ""),
+                       reason="the room adds its own microphone to ../shared/pulse-rig.sh's server"),
+]
+
+
+@pytest.mark.parametrize("gain_db", [-12, -20])
+def test_the_guard_holds_the_assistant_back_and_hears_the_person(gain_db, tmp_path):
+    result = echo_trial.run("auto", Path(gain_db=gain_db), person_at=7.0, seconds=12,
+                            work=tmp_path)
+    print(result)
+    assert result.assistant_seconds > 5  # of the assistant's voice, with the person silent...
+    assert result.self_triggered == 0  # ...and the server heard none of it
+    assert result.local_stops == 1
+    assert result.stop_ms is not None and result.stop_ms <= 300
+    assert result.speech_started_ms is not None and result.speech_started_ms <= 600
+    assert result.onset_missing_ms is not None and result.onset_missing_ms <= 100
+    assert result.answered
+
+
+def test_full_duplex_in_the_same_room_answers_itself(tmp_path):
+    """What the guard is for: the article's warning, in the room."""
+    result = echo_trial.run("full", Path(gain_db=-12), seconds=5, work=tmp_path)
+    print(result)
+    assert result.self_triggered >= 1
+
+
+def test_with_headphones_auto_sends_everything_as_full_duplex_does(tmp_path):
+    result = echo_trial.run("auto", Path(echo=False), person_at=5.0, seconds=9, work=tmp_path)
+    print(result)
+    assert result.self_triggered == 0
+    assert result.local_stops == 0  # nothing to guard against: the server's VAD hears the person
+    assert result.speech_started_ms is not None and result.speech_started_ms <= 300
+    assert result.onset_missing_ms == 0
+    assert result.answered
