@@ -889,7 +889,7 @@ class EchoGuard:
         self.pending = bytearray()  # played audio not yet a whole bin, starting at pending_at
         self.pending_at = 0.0
         self.heard: collections.deque[tuple[int, float, bool]] = collections.deque(
-            maxlen=ECHO_WINDOW)  # (bin, microphone power, the person was speaking)
+            maxlen=ECHO_WINDOW)  # (bin, microphone power, maybe more than the echo)
         self.quiet_means: collections.deque[float] = collections.deque(maxlen=20)
         self.noise = 1e-6  # the room's own power: the lowest 0.5 s mean of the last 10 s
         self.path: EchoPath | None = None
@@ -938,29 +938,28 @@ class EchoGuard:
         while sum(map(len, self.preroll_frames)) > ECHO_PREROLL * BYTES_PER_SECOND + len(frame):
             self.preroll_frames.popleft()
         size = int(ECHO_BIN * BYTES_PER_SECOND)
-        heard = expected = 0.0
-        bins = 0
-        for start in range(0, len(frame), size):
-            key = round((captured + start / BYTES_PER_SECOND) / ECHO_BIN)
-            power = frame_power(frame[start:start + size])
-            self.heard.append((key, power, self.person))
-            heard += power
-            expected += self._expected(key)
-            bins += 1
+        powers = [frame_power(frame[start:start + size]) for start in range(0, len(frame), size)]
+        first = round(captured / ECHO_BIN)
+        heard = sum(powers)
+        expected = sum(self._expected(first + n) for n in range(len(powers)))
+        # Louder than the echo may be the person: the echo is not learned from it.
+        suspect = self.person or (self.path is not None and heard > ECHO_MARGIN * expected)
+        for n, power in enumerate(powers):
+            self.heard.append((first + n, power, suspect))
             self.bins_heard += 1
             if self.bins_heard % ECHO_RELEARN == 0:
                 self._track_noise()
                 self._learn()
-        return self._verdict(heard, expected, bins * self.noise, captured)
+        return self._verdict(heard, expected, len(powers) * self.noise, captured)
 
     def _expected(self, key: int) -> float:
-        """The echo this bin should carry, at its loudest (10 ms of slack either way: a new
-        player may start a little sooner or later)."""
+        """The echo this bin should carry, at its loudest (slack of 10 ms later and 20 ms sooner:
+        a new player may start a little sooner or later)."""
         if self.path is None:
             return 0.0
         path, at = self.path, key - self.path.delay
         self.room = self.room * path.decay + self.direct
-        self.direct = max(self.reference.get(at + shift, 0.0) for shift in (-1, 0, 1))
+        self.direct = max(self.reference.get(at + shift, 0.0) for shift in (-1, 0, 1, 2))
         return self.noise + path.margin * (path.direct * self.direct + path.tail * self.room)
 
     def _verdict(self, heard: float, expected: float, noise: float, captured: float) -> str:
@@ -996,7 +995,7 @@ class EchoGuard:
     def _learn(self) -> None:
         """From the last 4 s: the delay that best lines up the envelopes, then the gain and decay
         that best predict what the microphone heard while only the assistant spoke."""
-        heard = [(key, power) for key, power, person in self.heard if not person]
+        heard = self._echo_only()
         if len(heard) < ECHO_WINDOW // 2:
             return
         first, last = heard[0][0], heard[-1][0]
@@ -1013,10 +1012,13 @@ class EchoGuard:
         best = max(range(ECHO_MAX_DELAY + 1),
                    key=lambda lag: correlation(mic, [envelope[key - lag] for key in keys]))
         match = correlation(mic, [envelope[key - best] for key in keys])
-        direct = [max(played[key - best - 1:key - best + 2]) for key in keys]
-        fits = [self._fit([power for _, power in heard], direct, rt60_ms)
-                for rt60_ms in ECHO_DECAYS]
-        path = dataclasses.replace(min(fits, key=lambda fit: fit.margin), delay=best, match=match)
+        # Reverb smears the microphone's envelope later than the direct sound: of the lags up to
+        # the best-correlated one, the path that needs the smallest margin is the one to trust.
+        powers = [power for _, power in heard]
+        fits = [dataclasses.replace(self._fit(powers, [max(played[key - lag - 1:key - lag + 3])
+                                                       for key in keys], rt60_ms), delay=lag)
+                for lag in range(max(best - 3, 0), best + 1) for rt60_ms in ECHO_DECAYS]
+        path = dataclasses.replace(min(fits, key=lambda fit: fit.margin), match=match)
         if match < 0.5:
             if path.direct * max(played) < self.noise:  # the speaker does not reach the mic
                 self.no_echo = True
@@ -1027,9 +1029,21 @@ class EchoGuard:
             path = dataclasses.replace(path, margin=(path.margin + old.margin) / 2)  # slowly
         self.path = path
 
+    def _echo_only(self) -> list[tuple[int, float]]:
+        """The window's bins that are only the echo: none within 100 ms of a suspect one (a
+        voice grows for a while before it is clearly louder than the echo)."""
+        held_out = [False] * len(self.heard)
+        for index, (_, _, suspect) in enumerate(self.heard):
+            if suspect:
+                start, end = max(index - 10, 0), min(index + 11, len(held_out))
+                held_out[start:end] = [True] * (end - start)
+        return [(key, power) for (key, power, _), out in zip(self.heard, held_out, strict=True)
+                if not out]
+
     def _fit(self, heard: list[float], direct: list[float], rt60_ms: float) -> EchoPath:
         """The path for one room tail: direct and tail gains by least squares on the power
-        envelopes, then the margin that 99% of the 20 ms frames stay under."""
+        envelopes, then the margin that 99% of the 20 ms frames stay under (of those loud
+        enough to be taken for the person: the rest are too close to the room's noise)."""
         decay = 10 ** (-6 * ECHO_BIN * 1000 / rt60_ms)
         room, tails = 0.0, []
         for power in direct:
@@ -1048,7 +1062,7 @@ class EchoGuard:
                      for d, t in zip(direct, tails, strict=True)]
         frames = [(heard[n] + heard[n + 1]) / (predicted[n] + predicted[n + 1])
                   for n in range(0, len(heard) - 1, 2)
-                  if predicted[n] + predicted[n + 1] > 4 * self.noise]
+                  if predicted[n] + predicted[n + 1] > 2 * ECHO_ABOVE_NOISE * self.noise]
         if not frames or gain_direct + gain_tail <= 0:
             return EchoPath(0, 0.0, 0.0, decay, math.inf, 0.0)
         margin = max(sorted(frames)[int(len(frames) * ECHO_CALIBRATION)], 1.0)

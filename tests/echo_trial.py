@@ -55,7 +55,7 @@ class Result:
     onset_missing_ms: float | None = None
     answered: bool = False
     assistant_seconds: float = 0.0  # of the assistant's speech the room heard
-    cpu_percent: float = 0.0
+    cpu_percent: float = 0.0  # of one core, the whole script, once connected
     log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
@@ -106,6 +106,7 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
     result = Result()
     try:
         client.wait_for("connected", timeout=15)
+        cpu_from, cpu_since = cpu_seconds(client.process.pid), time.monotonic()
         deadline = started + 1.5 + replies * (reply_seconds + 0.5)
         while "last reply" not in moments:
             time.sleep(0.05)
@@ -114,9 +115,11 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
                 time.sleep(0.01)
             room.say(person)
             deadline = time.monotonic() + 6
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (person_at is not None and ANSWER in client.stdout):
             time.sleep(0.1)
-        result.cpu_percent = cpu_seconds(client.process.pid) / (time.monotonic() - started) * 100
+        time.sleep(0.3)  # the answer's first sound, which the stop must not be confused with
+        result.cpu_percent = (cpu_seconds(client.process.pid) - cpu_from) / (
+            time.monotonic() - cpu_since) * 100  # from the connection on: start-up is not the loop
         client.process.send_signal(signal.SIGINT)
         client.finish()
     finally:

@@ -33,7 +33,8 @@ def test_voice_turn_end_to_end(serve, run_client, sox_log, tmp_path):
         await asyncio.sleep(3600)
 
     server = serve(script)
-    client = run_client(server, env={"FAKE_SOX_MIC": str(tmp_path / "mic.raw")})
+    # Full duplex: every byte as recorded (auto holds back what it hears while a reply plays).
+    client = run_client(server, "--duplex", "full", env={"FAKE_SOX_MIC": str(tmp_path / "mic.raw")})
     client.wait_for("tokens in 118")
     time.sleep(1.5)  # let the reply finish playing
     assert client.stop() == 0

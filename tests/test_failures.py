@@ -183,7 +183,7 @@ def test_plain_ws_only_to_loopback(run_client):
 
 @pytest.mark.parametrize("variable, value, shown", [
     ("REALTIME_KEEPALIVE", "soon", "argument --keepalive: invalid float value: 'soon'"),
-    ("REALTIME_DUPLEX", "quarter", "--duplex (or its environment variable) must be one of full, half"),
+    ("REALTIME_DUPLEX", "quarter", "--duplex (or its environment variable) must be one of auto, full, half"),
     ("REALTIME_VAD_THRESHOLD", "2", "--vad-threshold must be between 0 and 1"),
     ("REALTIME_PRICES", "1,2,3", "REALTIME_PRICES must be 6 or 7 numbers"),
 ])
