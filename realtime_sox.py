@@ -890,8 +890,8 @@ class EchoGuard:
         self.pending_at = 0.0
         self.heard: collections.deque[tuple[int, float, bool]] = collections.deque(
             maxlen=ECHO_WINDOW)  # (bin, microphone power, maybe more than the echo)
-        self.quiet_means: collections.deque[float] = collections.deque(maxlen=20)
-        self.noise = 1e-6  # the room's own power: the lowest 0.5 s mean of the last 10 s
+        self.quiet_means: collections.deque[float] = collections.deque(maxlen=100)
+        self.noise = 1e-6  # the room's own power: the lowest 100 ms mean of the last 10 s
         self.path: EchoPath | None = None
         self.no_echo = False
         self.direct = self.room = 0.0  # the delayed reference now, and its tail in the room
@@ -988,8 +988,9 @@ class EchoGuard:
 
     # Learning the room
     def _track_noise(self) -> None:
+        """Speech always pauses for 100 ms somewhere: the quietest 100 ms is the room alone."""
         recent = [power for _, power, _ in list(self.heard)[-ECHO_RELEARN:]]
-        self.quiet_means.append(sum(recent) / len(recent))
+        self.quiet_means.extend(sum(recent[n:n + 10]) / 10 for n in range(0, len(recent), 10))
         self.noise = max(min(self.quiet_means), 1e-10)
 
     def _learn(self) -> None:
@@ -1020,8 +1021,10 @@ class EchoGuard:
                 for lag in range(max(best - 3, 0), best + 1) for rt60_ms in ECHO_DECAYS]
         path = dataclasses.replace(min(fits, key=lambda fit: fit.margin), match=match)
         if match < 0.5:
-            if path.direct * max(played) < self.noise:  # the speaker does not reach the mic
-                self.no_echo = True
+            if path.margin == math.inf or (path.direct + path.tail) * max(played) < self.noise:
+                self.no_echo = True  # the speaker does not reach the microphone
+            return
+        if path.margin == math.inf:  # nothing above the room's noise to fit yet
             return
         self.no_echo = False
         old = self.path

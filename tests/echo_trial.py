@@ -41,7 +41,7 @@ ASSISTANT = ("Here is the whole story, as you asked. The lighthouse keeper climb
              "he could not see his own hands, and then he rang the bell every half minute until "
              "morning. He never missed a night in forty years, and the town still tells the story "
              "of the winter storm when he kept the light burning for three days without sleep.")
-PERSON = "Wait, stop, can you tell me the weather instead?"
+PERSON = "Wait, what's the weather?"
 ANSWER = "Sure, the weather is sunny today."
 
 
@@ -80,7 +80,7 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
 
     async def script(session: Session) -> None:
         await session.handshake()
-        await asyncio.sleep(1.0)  # the microphone is awake
+        await asyncio.sleep(0.5)  # the microphone is awake
         for _ in range(replies):
             moments["last reply"] = time.monotonic()
             await session.reply(assistant, ASSISTANT, speed=10)

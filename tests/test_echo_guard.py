@@ -24,7 +24,7 @@ pytestmark = [
 
 @pytest.mark.parametrize("gain_db", [-12, -20])
 def test_the_guard_holds_the_assistant_back_and_hears_the_person(gain_db, tmp_path):
-    result = echo_trial.run("auto", Path(gain_db=gain_db), person_at=6.0, seconds=11,
+    result = echo_trial.run("auto", Path(gain_db=gain_db), person_at=6.0, seconds=10,
                             work=tmp_path)
     print(result)
     assert result.assistant_seconds > 4  # of the assistant's voice, with the person silent...
@@ -40,7 +40,7 @@ def test_the_guard_holds_the_assistant_back_and_hears_the_person(gain_db, tmp_pa
 
 
 def test_with_headphones_auto_sends_everything_as_full_duplex_does(tmp_path):
-    result = echo_trial.run("auto", Path(echo=False), person_at=5.0, seconds=9, work=tmp_path)
+    result = echo_trial.run("auto", Path(echo=False), person_at=5.0, seconds=8, work=tmp_path)
     print(result)
     assert result.self_triggered == 0
     assert result.local_stops == 0  # nothing to guard against: the server's VAD hears the person
