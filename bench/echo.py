@@ -1,6 +1,7 @@
 """The echo guard (--duplex auto) beside full and half duplex, in the same rooms, in one run.
 
-    .venv/bin/python bench/echo.py              (about 35 minutes; needs ../shared/pulse-rig.sh up)
+    .venv/bin/python bench/echo.py              (about 35 minutes; needs ../shared/pulse-rig.sh up,
+                                                 and nothing else playing on it)
     .venv/bin/python bench/echo.py --minutes 1  (a quicker look: 1 minute of speech per row)
 
 Each room (tests/room.py) is a laptop's speaker-to-microphone path on the real PulseAudio rig; the
@@ -33,7 +34,7 @@ ROOMS = [("-12 dB, RT60 300 ms", Path(gain_db=-12), 5.0),
          ("-6 dB, RT60 300 ms", Path(gain_db=-6), 2.0),
          ("-12 dB, RT60 900 ms", Path(gain_db=-12, rt60_ms=900), 2.0)]
 MODES = ("auto", "full", "half")
-REPLY_SECONDS = 26.0
+REPLY_SECONDS = 33.6  # the trial's long reply
 
 
 def silent_person(mode: str, path: Path, minutes: float) -> echo_trial.Result:
@@ -41,7 +42,9 @@ def silent_person(mode: str, path: Path, minutes: float) -> echo_trial.Result:
 
 
 def barge_ins(mode: str, path: Path, trials: int) -> list[echo_trial.Result]:
-    return [echo_trial.run(mode, path, person_at=5.5 + 1.37 * n, seconds=14) for n in range(trials)]
+    """The person speaks at a different moment of the reply each time (5.5 s to 11 s in)."""
+    return [echo_trial.run(mode, path, person_at=5.5 + 5.5 * n / max(trials - 1, 1), seconds=14)
+            for n in range(trials)]
 
 
 def spread(values: list[float | None], unit: str = " ms") -> str:
@@ -56,7 +59,8 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=None,
                         help="minutes of assistant speech per row (default: 5 for the -12 and -20 "
                              "dB rooms with auto, 2 for the others, 1 for full and half)")
-    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=6,
+                        help="barge-in trials per room for auto (half as many for full and half)")
     args = parser.parse_args()
     reason = why_no_real_audio()
     if reason:
@@ -71,7 +75,7 @@ def main() -> int:
         for mode in MODES:
             minutes = args.minutes or (auto_minutes if mode == "auto" else 1.0)
             quiet = silent_person(mode, path, minutes)
-            tries = barge_ins(mode, path, args.trials)
+            tries = barge_ins(mode, path, args.trials if mode == "auto" else max(args.trials // 2, 1))
             heard = sum(1 for trial in tries if trial.local_stops or (
                 trial.speech_started_ms is not None and trial.speech_started_ms < 1500))
             missing = [trial.onset_missing_ms for trial in tries]
