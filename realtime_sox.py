@@ -785,13 +785,13 @@ ECHO_BIN = 0.010  # s: both envelopes are 10 ms bins
 ECHO_MAX_DELAY = 50  # bins: the longest speaker-to-microphone delay it looks for (500 ms)
 ECHO_WINDOW = 400  # bins (4 s) it learns from, relearning every ECHO_RELEARN bins
 ECHO_RELEARN = 100
+ECHO_LEARN_FROM = 150  # bins of the assistant's sound it needs before it trusts what it learned
 ECHO_DECAYS = (100, 200, 300, 450, 650, 900)  # ms: the room tails (RT60) it tries
 ECHO_MARGIN = 10 ** 0.45  # power: the person is 4.5 dB above the (calibrated) echo...
 ECHO_FRAMES = 3  # ...in this many 20 ms frames in a row (one fewer at 12 dB above)
 ECHO_ABOVE_NOISE = 10.0  # ...and 10 dB above the room's noise
 ECHO_CALIBRATION = 0.99  # the share of echo-only frames the prediction must cover
 ECHO_PREROLL = 0.36  # s of microphone audio sent at a barge-in: the words before it was sure
-ECHO_NONE = 1e-4  # power gain (-40 dB): no echo worth guarding against (headphones)
 
 
 def frame_power(pcm: bytes | bytearray | memoryview) -> float:
@@ -1005,7 +1005,7 @@ class EchoGuard:
         played = [self.reference.get(key, 0.0) for key in range(first - ECHO_MAX_DELAY - 2,
                                                                  last + 3)]
         sounding = sum(1 for power in played if power > 1e-7)
-        if sounding < len(played) // 4:
+        if sounding < max(len(played) // 4, ECHO_LEARN_FROM):
             return  # too little of the assistant to learn from
         keys = [key - first + ECHO_MAX_DELAY + 2 for key, _ in heard]
         mic = [math.sqrt(power) for _, power in heard]
@@ -1058,15 +1058,19 @@ class EchoGuard:
         determinant = dd * tt - dt * dt
         gain_direct = (de * tt - te * dt) / determinant if determinant > 0 else 0.0
         gain_tail = (te * dd - de * dt) / determinant if determinant > 0 else 0.0
-        if gain_direct < 0 or gain_tail < 0:  # one term alone, whichever fits
-            gain_direct, gain_tail = (max(de / dd, 0.0), 0.0) if dd and de / dd * de > (
-                te / tt * te if tt else 0) else (0.0, max(te / tt, 0.0) if tt else 0.0)
+        if gain_direct < 0 or gain_tail < 0:  # one term alone: the one that explains more
+            direct_alone = max(de / dd, 0.0) if dd else 0.0
+            tail_alone = max(te / tt, 0.0) if tt else 0.0
+            if direct_alone * de >= tail_alone * te:
+                gain_direct, gain_tail = direct_alone, 0.0
+            else:
+                gain_direct, gain_tail = 0.0, tail_alone
         predicted = [self.noise + gain_direct * d + gain_tail * t
                      for d, t in zip(direct, tails, strict=True)]
         frames = [(heard[n] + heard[n + 1]) / (predicted[n] + predicted[n + 1])
                   for n in range(0, len(heard) - 1, 2)
                   if predicted[n] + predicted[n + 1] > 2 * ECHO_ABOVE_NOISE * self.noise]
-        if not frames or gain_direct + gain_tail <= 0:
+        if len(frames) < 50 or gain_direct + gain_tail <= 0:  # too few for a 99th percentile
             return EchoPath(0, 0.0, 0.0, decay, math.inf, 0.0)
         margin = max(sorted(frames)[int(len(frames) * ECHO_CALIBRATION)], 1.0)
         return EchoPath(0, gain_direct, gain_tail, decay, margin, 0.0)
@@ -1087,9 +1091,8 @@ def correlation(a: list[float], b: list[float]) -> float:
     """Pearson's r of two equally long lists (0 when either is flat); sums at C speed."""
     count = len(a)
     mean_a, mean_b = sum(a) / count, sum(b) / count
-    cross = sum(map(operator.mul, a, b)) - count * mean_a * mean_b
-    spread = (sum(map(operator.mul, a, a)) - count * mean_a ** 2) * \
-        (sum(map(operator.mul, b, b)) - count * mean_b ** 2)
+    cross = dot(a, b) - count * mean_a * mean_b
+    spread = (dot(a, a) - count * mean_a ** 2) * (dot(b, b) - count * mean_b ** 2)
     return cross / math.sqrt(spread) if spread > 0 else 0.0
 
 
@@ -2586,8 +2589,9 @@ class Conversation:
             return
         how = ("press Enter to end your turn" if self.config.turn_detection == "none"
                else "type a line to send text, Enter alone to interrupt")
+        duplex = "echo guard on" if self.config.duplex == "auto" else f"{self.config.duplex} duplex"
         self.display.info(f"connected: {self.config.model}, voice {self.config.voice}, "
-                          f"{self.config.duplex} duplex — speak now; {how}; Ctrl-C quits")
+                          f"{duplex} — speak now; {how}; Ctrl-C quits")
 
     def on_error(self, event: dict[str, Any]) -> None:
         error = event.get("error") or {}

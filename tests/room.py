@@ -15,8 +15,12 @@ as a real laptop's audio stack does.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 
@@ -64,9 +68,48 @@ class Path:
 class Room:
     """Start it before the script; `say()` the person's words; `close()` removes its devices.
 
-    It notes what a person in the room would notice: when the speaker sounded (`speaker`, one
-    (time, rms) per 20 ms block as read from the sink's monitor) and when each of the person's
-    sentences started (`said`, the time its first loud block went to the microphone)."""
+    After `close()` it tells what a person in the room would have noticed: when the speaker
+    sounded (`speaker`, one (time, rms) per 20 ms block as read from the sink's monitor) and when
+    each of the person's sentences started (`said`, the time its first loud block went to the
+    microphone). The room runs in a process of its own, so that nothing the test does in the
+    meantime (a fake server validating a burst of events) can hold up the sound: a stall would
+    make PulseAudio delay the echo for good, which no real room does."""
+
+    def __init__(self, path: Path) -> None:
+        self.process = subprocess.Popen([sys.executable, __file__, json.dumps(
+            dataclasses.asdict(path))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdin is not None and self.process.stdout is not None
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError("the room did not start (is ../shared/pulse-rig.sh up?)")
+        self.speaker: list[tuple[float, float]] = []
+        self.said: list[float] = []
+        self.words = tempfile.mkdtemp(prefix="room-")
+
+    def say(self, pcm: bytes) -> None:
+        """The person speaks these words (24 kHz PCM) into the microphone, from the next block."""
+        spoken = os.path.join(self.words, f"{time.monotonic_ns()}.raw")
+        with open(spoken, "wb") as file:
+            file.write(pcm)
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"say {spoken}\n")
+        self.process.stdin.flush()
+
+    def close(self) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            self.process.stdin.write("close\n")
+            self.process.stdin.flush()
+            noticed = json.loads(self.process.stdout.read() or "{}")
+        except (BrokenPipeError, ValueError):
+            noticed = {}
+        self.process.wait(10)
+        self.speaker = [tuple(pair) for pair in noticed.get("speaker", [])]  # type: ignore[misc]
+        self.said = noticed.get("said", [])
+        shutil.rmtree(self.words, ignore_errors=True)
+
+
+class Acoustics:
+    """The room itself, in its process: the speaker's sound through the path into the microphone."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -92,7 +135,7 @@ class Room:
         self.listen = subprocess.Popen(["parec", "--device=ci_sink.monitor", *PCM,
                                         "--latency-msec=10"], stdout=subprocess.PIPE)
         self.mouth = subprocess.Popen(["pacat", "--playback", f"--device={MIC_SINK}", *PCM,
-                                       "--latency-msec=10"], stdin=subprocess.PIPE)
+                                       "--latency-msec=40"], stdin=subprocess.PIPE)
         self.running = True
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -161,3 +204,21 @@ def pactl(*args: str) -> str:
 
 def load_module(*args: str) -> str:
     return pactl("load-module", *args).strip()
+
+
+def serve(path: Path) -> None:
+    """The room's process: commands on stdin ("say FILE", "close"), what it noticed on stdout."""
+    room = Acoustics(path)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        command, _, argument = line.strip().partition(" ")
+        if command != "say":
+            break
+        with open(argument, "rb") as file:
+            room.say(file.read())
+    room.close()
+    json.dump({"speaker": room.speaker, "said": room.said}, sys.stdout)
+
+
+if __name__ == "__main__":
+    serve(Path(**json.loads(sys.argv[1])))
