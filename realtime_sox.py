@@ -1011,14 +1011,17 @@ class EchoGuard:
         mic = [math.sqrt(power) for _, power in heard]
         envelope = [math.sqrt(power) for power in played]
         best = max(range(ECHO_MAX_DELAY + 1),
-                   key=lambda lag: correlation(mic, [envelope[key - lag] for key in keys]))
-        match = correlation(mic, [envelope[key - best] for key in keys])
+                   key=lambda lag: correlation(mic, later(envelope, keys, lag)))
+        match = correlation(mic, later(envelope, keys, best))
         # Reverb smears the microphone's envelope later than the direct sound: of the lags up to
         # the best-correlated one, the path that needs the smallest margin is the one to trust.
         powers = [power for _, power in heard]
-        fits = [dataclasses.replace(self._fit(powers, [max(played[key - lag - 1:key - lag + 3])
-                                                       for key in keys], rt60_ms), delay=lag)
-                for lag in range(max(best - 3, 0), best + 1) for rt60_ms in ECHO_DECAYS]
+        echo = [max(power - self.noise, 0.0) for power in powers]
+        fits = []
+        for lag in range(max(best - 3, 0), best + 1):
+            direct = list(map(max, *(later(played, keys, lag - shift) for shift in (-1, 0, 1, 2))))
+            fits += [dataclasses.replace(self._fit(powers, echo, direct, rt60_ms), delay=lag)
+                     for rt60_ms in ECHO_DECAYS]
         path = dataclasses.replace(min(fits, key=lambda fit: fit.margin), match=match)
         if match < 0.5:
             if path.margin == math.inf or (path.direct + path.tail) * max(played) < self.noise:
@@ -1043,16 +1046,17 @@ class EchoGuard:
         return [(key, power) for (key, power, _), out in zip(self.heard, held_out, strict=True)
                 if not out]
 
-    def _fit(self, heard: list[float], direct: list[float], rt60_ms: float) -> EchoPath:
+    def _fit(self, heard: list[float], echo: list[float], direct: list[float], rt60_ms: float
+             ) -> EchoPath:
         """The path for one room tail: direct and tail gains by least squares on the power
-        envelopes, then the margin that 99% of the 20 ms frames stay under (of those loud
-        enough to be taken for the person: the rest are too close to the room's noise)."""
+        envelopes (`echo` is `heard` less the room's noise), then the margin that 99% of the
+        20 ms frames stay under (of those loud enough to be taken for the person: the rest are
+        too close to the room's noise)."""
         decay = 10 ** (-6 * ECHO_BIN * 1000 / rt60_ms)
         room, tails = 0.0, []
         for power in direct:
             tails.append(room)
             room = room * decay + power
-        echo = [max(power - self.noise, 0.0) for power in heard]
         dd, dt, tt = dot(direct, direct), dot(direct, tails), dot(tails, tails)
         de, te = dot(direct, echo), dot(tails, echo)
         determinant = dd * tt - dt * dt
@@ -1081,6 +1085,14 @@ class EchoGuard:
         if self.path is None:
             return "echo guard: learning"
         return f"echo guard {self.path.gain_db:.0f} dB"
+
+
+def later(values: list[float], keys: list[int], lag: int) -> list[float]:
+    """values[key - lag] for each key: a slice when the keys follow one another, as they do
+    unless bins were held out."""
+    if keys[-1] - keys[0] == len(keys) - 1:
+        return values[keys[0] - lag:keys[-1] - lag + 1]
+    return [values[key - lag] for key in keys]
 
 
 def dot(a: list[float], b: list[float]) -> float:

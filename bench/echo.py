@@ -3,6 +3,7 @@
     .venv/bin/python bench/echo.py              (about 35 minutes; needs ../shared/pulse-rig.sh up,
                                                  and nothing else playing on it)
     .venv/bin/python bench/echo.py --minutes 1  (a quicker look: 1 minute of speech per row)
+    .venv/bin/python bench/echo.py --cpu        (only the CPU of the three modes; 4 minutes)
 
 Each room (tests/room.py) is a laptop's speaker-to-microphone path on the real PulseAudio rig; the
 real script and the real sox run against the fake API, whose VAD hears what the script appends.
@@ -59,6 +60,8 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=None,
                         help="minutes of assistant speech per row (default: 5 for the -12 and -20 "
                              "dB rooms with auto, 2 for the others, 1 for full and half)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="only the script's CPU in the -12 dB room, each mode for 1 minute")
     parser.add_argument("--trials", type=int, default=6,
                         help="barge-in trials per room for auto (half as many for full and half)")
     args = parser.parse_args()
@@ -66,6 +69,13 @@ def main() -> int:
     if reason:
         print(f"bench/echo.py needs real audio: {reason}", file=sys.stderr)
         return 1
+    if args.cpu:
+        print("| --duplex | CPU of the whole script, 1 minute of the assistant talking in the "
+              "-12 dB room |\n|---|---|")
+        for mode in MODES:
+            print(f"| {mode} | {silent_person(mode, ROOMS[0][1], 1.0).cpu_percent:.2f} % of a "
+                  "core |", flush=True)
+        return 0
     print("| room | --duplex | assistant speech, person silent | turns it triggered itself | "
           "false stops | person heard over it | sound stopped after the first word "
           "(median / max) | server's speech_started (median / max) | first word missing (max) "
