@@ -15,9 +15,9 @@ API" (noboru-kudo, 2024), moved onto today's GA interface. One thread, one `sele
     sox recorder --stdout--> 20 ms frames --> input_audio_buffer.append --> WebSocket
     WebSocket --> response.output_audio.delta --> our queue --paced--> sox player --stdin
 
-Read top to bottom: configuration, the sox processes, the connection (opened step by step by the
-loop), staying connected, tools (MCP servers), the screen, the conversation (one handler per
-server event), the loop, the audio check, and `main`.
+Read top to bottom: configuration, the sox processes, the echo guard (--duplex auto), the
+connection (opened step by step by the loop), staying connected, tools (MCP servers), the screen,
+the conversation (one handler per server event), the loop, the audio check, and `main`.
 """
 
 from __future__ import annotations
@@ -900,7 +900,9 @@ class EchoGuard:
         self.person = False  # speaking over the assistant, until the next reply plays
         self.interrupted_at = -math.inf
         self.audible_until = -math.inf  # the end of the last played audio (ledger time)
-        self.preroll_frames: collections.deque[bytes] = collections.deque()
+        # The frames of the last ECHO_PREROLL s and this one (auto always has 20 ms frames).
+        self.preroll_frames: collections.deque[bytes] = collections.deque(
+            maxlen=int(ECHO_PREROLL * BYTES_PER_SECOND) // FRAME_BYTES + 1)
 
     # What the player plays
     def played(self, audio: bytes | memoryview, at: float) -> None:
@@ -935,8 +937,6 @@ class EchoGuard:
     def hear(self, frame: bytes, captured: float) -> str:
         """PASS, HOLD or PERSON for this frame, captured at `captured` (the sample clock)."""
         self.preroll_frames.append(frame)
-        while sum(map(len, self.preroll_frames)) > ECHO_PREROLL * BYTES_PER_SECOND + len(frame):
-            self.preroll_frames.popleft()
         size = int(ECHO_BIN * BYTES_PER_SECOND)
         powers = [frame_power(frame[start:start + size]) for start in range(0, len(frame), size)]
         first = round(captured / ECHO_BIN)

@@ -23,7 +23,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import API_KEY, Client, SoxLog, noise  # noqa: E402
+from conftest import API_KEY, Client, SoxLog, cpu_seconds, noise  # noqa: E402
 from realtime_server import FakeRealtime, Session  # noqa: E402
 
 BPS = 48_000
@@ -60,11 +60,6 @@ def session_run(plumbing: str, script: Any, seconds: float, extra_env: dict[str,
     client.finish()
     server.stop()
     return server, sox_log, client, cpu
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:

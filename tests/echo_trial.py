@@ -30,7 +30,7 @@ from pathlib import Path as FilePath
 from typing import Any
 
 import numpy as np
-from conftest import API_KEY, Client
+from conftest import API_KEY, Client, cpu_seconds
 from real_audio import speech
 from realtime_server import FakeRealtime, Session
 from room import MIC_SOURCE, Path, Room
@@ -68,8 +68,7 @@ def voices(work: FilePath) -> tuple[bytes, bytes, bytes]:
 
 
 def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = None,
-        seconds: float | None = None, work: FilePath | None = None,
-        extra_args: tuple[str, ...] = ()) -> Result:
+        seconds: float | None = None, work: FilePath | None = None) -> Result:
     """`replies` long replies back to back (each cut to `seconds`); the person speaks `person_at`
     s into the last one."""
     work = work or FilePath(tempfile.mkdtemp(prefix="echo-"))
@@ -108,7 +107,7 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
                PYTHONUNBUFFERED="1")
     log = work / "log.jsonl"
     started = time.monotonic()
-    client = Client(work, server, ["--duplex", duplex, "--log", str(log), *extra_args], env)
+    client = Client(work, server, ["--duplex", duplex, "--log", str(log)], env)
     result = Result()
     try:
         client.wait_for("connected", timeout=15)
@@ -176,11 +175,6 @@ def onset_missing_ms(server: FakeRealtime, person: bytes) -> float | None:
     while start < len(sent) and not np.any(sent[start:start + 480]):
         start += 480
     return max(start - onset, 0) / 24.0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = FilePath(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":  # a quick look: python tests/echo_trial.py auto -12 [person_at]

@@ -106,7 +106,6 @@ class Session:
         self.ws = ws
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.vad = Vad()
-        self.speech = asyncio.Event()  # set by the VAD at speech_started; a reply stops at it
         self.turns: asyncio.Queue[str] = asyncio.Queue()  # the person's committed items
         self.turn_id = ""
         server.sessions_received.append([])
@@ -357,7 +356,6 @@ class FakeRealtime:
             item_id = f"item_user_{session.vad.ms}"
             if change == "started":
                 self.speech_started.append(time.monotonic())
-                session.speech.set()
                 session.turn_id = item_id
                 await session.send("input_audio_buffer.speech_started", item_id=item_id,
                                    audio_start_ms=max(session.vad.ms - 360, 0))
