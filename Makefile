@@ -1,4 +1,4 @@
-# make run | make test | make lint | make check-audio | make bench       (ARGS="--voice marin")
+# make run | make test | make lint | make check-audio | make bench | make fuzz  (ARGS="--voice marin")
 SHELL := /bin/bash
 VENV := .venv
 ARGS ?=
@@ -8,7 +8,7 @@ PYTHON := $(shell for p in python3.14 python3.13 python3.12 python3.11 python3.1
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
 	2>/dev/null && { echo $$p; break; }; done)
 
-.PHONY: run test lint check-audio bench sox clean
+.PHONY: run test lint check-audio bench fuzz sox clean
 
 run: $(VENV)/.run sox
 	@$(VENV)/bin/python realtime_sox.py $(ARGS)
@@ -25,6 +25,10 @@ lint: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(VENV)/bin/python bench/run.py
+
+# A hostile server at length: 40 seeds of odd events and broken frames (the suite runs a few).
+fuzz: $(VENV)/.dev
+	$(VENV)/bin/python bench/fuzz.py $(ARGS)
 
 $(VENV)/bin/python:
 	@if [ -z "$(PYTHON)" ]; then echo "error: Python 3.10 or newer is needed:" \

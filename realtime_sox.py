@@ -29,6 +29,7 @@ import codecs
 import collections
 import contextlib
 import dataclasses
+import email.utils
 import errno
 import fcntl
 import getpass
@@ -52,7 +53,7 @@ import termios
 import time
 import tty
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,7 @@ class Config:
     mcp_start_timeout: float = 10.0
     mcp_urls: tuple[tuple[str, str], ...] = ()  # (label, URL): remote servers the API calls itself
     mcp_headers: tuple[tuple[str, str], ...] = ()
+    reconnect_tries: int = RECONNECT_TRIES
 
 
 def env(name: str, default: str) -> str:
@@ -234,6 +236,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="SECONDS",
         help="give up opening a connection after this long: name lookup, TCP, TLS and the "
              "WebSocket upgrade together [env REALTIME_CONNECT_TIMEOUT; default %(default)s]")
+    add("--reconnect-tries", type=int, default=env("REALTIME_RECONNECT_TRIES",
+                                                   str(RECONNECT_TRIES)), metavar="N",
+        help="tries to restore a dropped connection, with backoff up to 8 s between them, before "
+             "giving up [env REALTIME_RECONNECT_TRIES; default %(default)s]")
     add("--input-device", default=env("REALTIME_INPUT_DEVICE", ""),
         help="microphone to use instead of the default: a PulseAudio source name on Linux "
              "(pactl list short sources), a CoreAudio device name on macOS "
@@ -288,6 +294,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if min(args.connect_timeout, args.keepalive, args.tool_timeout, args.mcp_start_timeout) <= 0:
         parser.error("--connect-timeout, --keepalive, --tool-timeout and --mcp-start-timeout "
                      "must be more than 0 seconds")
+    if not 0 <= args.reconnect_tries <= 100:
+        parser.error("--reconnect-tries must be from 0 to 100")
     if args.voice not in VOICES:
         parser.error(f"--voice must be one of {', '.join(VOICES)}")
     return args
@@ -361,7 +369,8 @@ def load_config(args: argparse.Namespace, env_file: Path) -> Config:
         instructions=args.instructions, transcription_model=args.transcription_model,
         turn_detection=args.turn_detection, vad_threshold=args.vad_threshold,
         noise_reduction=args.noise_reduction, duplex=duplex_for(args), keepalive=args.keepalive,
-        connect_timeout=args.connect_timeout, prices=prices, max_cost=args.max_cost,
+        connect_timeout=args.connect_timeout, reconnect_tries=args.reconnect_tries,
+        prices=prices, max_cost=args.max_cost,
         log=TranscriptLog(args.log), plumbing=plumbing_for(args),
         mcp=tuple(mcp_commands(args.mcp, args.mcp_config)), approve_tools=args.approve_tools,
         tool_timeout=args.tool_timeout, mcp_start_timeout=args.mcp_start_timeout,
@@ -382,15 +391,21 @@ def prices_for(model: str) -> Prices | None:
         return PRICES.get(model)
     try:
         values = [float(value) for value in override.split(",")]
-        if len(values) not in (6, 7):
-            raise ValueError
+        if len(values) not in (6, 7) or not all(0 <= value <= 10_000 for value in values):
+            raise ValueError  # NaN fails the comparison too
     except ValueError:
-        raise Fatal("REALTIME_PRICES must be 6 or 7 numbers, USD per million tokens: audio in, "
+        raise Fatal("REALTIME_PRICES must be 6 or 7 numbers from 0 to 10000, USD per million "
+                    "tokens: audio in, "
                     "audio cached, audio out, text in, text cached, text out[, image in]",
                     Exit.USAGE) from None
     audio_in, audio_cached, audio_out, text_in, text_cached, text_out = values[:6]
     image_in = values[6] if len(values) == 7 else 0.0
     return audio_in, audio_cached, audio_out, text_in, text_cached, text_out, image_in
+
+
+# Written as JSON escapes: characters that some readers take for the end of a line (NEL, the
+# Unicode line and paragraph separators), and the other C1 controls and DEL with them.
+LOG_ESCAPES = {code: f"\\u{code:04x}" for code in (*range(0x7F, 0xA0), 0x2028, 0x2029)}
 
 
 class TranscriptLog:
@@ -404,14 +419,20 @@ class TranscriptLog:
         if os.path.isdir(path):
             raise Fatal(f"--log {path} is a directory: give a file name", Exit.USAGE)
         try:
-            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the session
+            # A lone surrogate from a server is written as its JSON escape, \udXXX.
+            self.file = open(path, "a", encoding="utf-8",  # noqa: SIM115 - open for the session
+                             errors="backslashreplace")
         except OSError as error:
             raise Fatal(f"cannot write --log {path}: {error.strerror}", Exit.USAGE) from None
 
     def write(self, **record: Any) -> None:
         if self.file is not None:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            self.file.write(json.dumps({"time": stamp, **record}, ensure_ascii=False) + "\n")
+            record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
+            try:  # strict JSON: a NaN from a server would make the line unreadable elsewhere
+                line = json.dumps(record, ensure_ascii=False, allow_nan=False)
+            except ValueError:
+                line = json.dumps(finite(record), ensure_ascii=False, allow_nan=False)
+            self.file.write(line.translate(LOG_ESCAPES) + "\n")
             self.file.flush()
 
 
@@ -593,6 +614,7 @@ class HeardItem:
     written: int = 0
     start_offset: int | None = None  # position of its first byte in the player's stream
     complete: bool = False  # `response.output_audio.done` arrived
+    odd_byte: bytes = b""  # a delta of odd length leaves half a sample for the next one
 
 
 class Cushion:
@@ -661,6 +683,11 @@ class Player:
         self.items = {key: old for key, old in self.items.items() if not old.complete
                       or old.start_offset is None or old.start_offset + old.written > played}
         item = self.items.setdefault(item_id, HeardItem(item_id))
+        if item.odd_byte or len(audio) % 2:  # whole samples only, or the rest of it is noise
+            audio = item.odd_byte + audio
+            audio, item.odd_byte = audio[:len(audio) & ~1], audio[len(audio) & ~1:]
+        if not audio:
+            return
         item.received += len(audio)
         self.cushion.arrived(item_id, len(audio) * 1000 / BYTES_PER_SECOND, now)
         if not self.busy(now):  # the first audio after silence: wait for the cushion
@@ -1108,6 +1135,90 @@ def correlation(a: list[float], b: list[float]) -> float:
     return cross / math.sqrt(spread) if spread > 0 else 0.0
 
 
+# --- What servers send ---------------------------------------------------------------------------
+# The API and the MCP servers are trusted with the conversation, not with the terminal or the loop:
+# their JSON nests only so deep, their numbers are checked before use, and their text is shown as
+# text (see Display.clean). Each check is one line of warning at most, never a crash.
+
+MAX_JSON_DEPTH = 64  # no event or tool call nests deeper; the parser's own limit is a crash
+MAX_COUNT = 10 ** 9  # tokens in one response: more is not a real figure
+
+
+def parse_json(data: str | bytes | bytearray) -> Any:
+    """json.loads that refuses, with ValueError, what nests deeper than MAX_JSON_DEPTH (Python's
+    parser raises RecursionError near 1,000 levels; what it returns can crash any code that walks
+    it). Counting brackets first is an upper bound that costs nothing for an audio delta."""
+    raw = data.encode(errors="surrogatepass") if isinstance(data, str) else data
+    brackets = raw.count(b"[") + raw.count(b"{")
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if brackets > MAX_JSON_DEPTH and nesting(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def nesting(value: Any) -> int:
+    """How deep lists and objects nest in a parsed value (without recursion)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level + 1)
+            if deepest > MAX_JSON_DEPTH:
+                break
+            stack.extend((child, level + 1) for child in (
+                item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def count_of(value: Any) -> int | None:
+    """A server's count as a whole number from 0 to MAX_COUNT; None for anything else (a
+    fraction, a negative, 10**400, NaN, Infinity, a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value) if 0 <= value <= MAX_COUNT else None
+
+
+def checked_usage(usage: Any) -> dict[str, Any] | None:
+    """A response's usage with every figure a checked count (absent ones are 0), in the API's
+    shape; None when any figure is not a count, so that no cost or total is made of it."""
+    if not isinstance(usage, dict):
+        return None
+
+    def counts(part: Any, names: tuple[str, ...]) -> dict[str, Any]:
+        part = part if isinstance(part, dict) else {}
+        return {name: count_of(part.get(name, 0)) for name in names}
+
+    details = usage.get("input_token_details")
+    details = details if isinstance(details, dict) else {}
+    checked = counts(usage, ("input_tokens", "output_tokens"))
+    inputs = counts(details, ("text_tokens", "audio_tokens", "image_tokens", "cached_tokens"))
+    if isinstance(details.get("cached_tokens_details"), dict):  # absent: all cached are text
+        inputs["cached_tokens_details"] = counts(details["cached_tokens_details"],
+                                                 ("text_tokens", "audio_tokens", "image_tokens"))
+    checked["input_token_details"] = inputs
+    checked["output_token_details"] = counts(usage.get("output_token_details"),
+                                             ("text_tokens", "audio_tokens"))
+    figures = [*checked.values(), *inputs.values(), *checked["output_token_details"].values(),
+               *(inputs.get("cached_tokens_details") or {}).values()]
+    return None if None in figures else checked
+
+
+def finite(value: Any) -> dict[str, Any] | list[Any] | Any:
+    """A copy of a parsed value with NaN and infinities as None: what strict JSON can hold."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite(item) for item in value]
+    return value
+
+
 # --- The connection ------------------------------------------------------------------------------
 
 # getaddrinfo() can neither be interrupted nor made non-blocking with the standard library, and a
@@ -1160,7 +1271,10 @@ class Connection:
         self.key = ""
         self.inbox = bytearray()
         self.outbox = bytearray()
-        self.fragments: list[bytes] = []
+        self.fragments: list[bytes] = []  # a message that came in several frames
+        self.unread = False  # _recv stopped at its limit with bytes still in the socket
+        self.fragmented_opcode = 0  # what kind of message they are, while they come
+        self.clock_offset = 0.0  # s the server's clock is ahead of ours, by its Date header
         self.failure: Fatal | None = None  # why the opening failed, if it did
         self.close_code: int | None = None
         self.close_reason = ""
@@ -1347,6 +1461,7 @@ class Connection:
                 raise Fatal(f"{self.host} answered the upgrade without a valid WebSocket "
                             "handshake: check OPENAI_BASE_URL", Exit.CLOSED)
             self.phase, self.last_heard = "open", time.monotonic()
+            self.clock_offset = clock_offset(headers.get("date", ""))
             return None
         try:
             length = min(int(headers.get("content-length", self.MAX_ANSWER)), self.MAX_ANSWER)
@@ -1406,16 +1521,29 @@ class Connection:
         self._queue_frame(b"keepalive", websocket.ABNF.OPCODE_PING)
 
     def receive(self) -> list[tuple[int, bytes]]:
-        """All complete messages that have arrived, as (opcode, payload)."""
+        """The complete messages that have arrived, as (opcode, payload). A frame that breaks
+        the protocol ends the connection, as a drop does: the link reconnects."""
         if not self._recv():
             self.dropped = self.dropped or "the connection dropped without a close frame"
-        return self._messages()
+        try:
+            return self._messages()
+        except Fatal as failure:
+            self.fail(failure)
+            return []
 
-    def _recv(self) -> bool:
+    def buffered(self) -> bool:
+        """Bytes that select() cannot see: decrypted ones inside the SSL socket, or what _recv
+        left unread this turn."""
+        return self.phase == "open" and not self.dropped and self.sock is not None and (
+            self.unread or (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0))
+
+    def _recv(self, most: int = 1024 * 1024) -> bool:
         """Read until the socket would block, which also drains what the SSL layer holds
-        decrypted (`pending()`), bytes that select() cannot see. False at the end of the stream."""
+        decrypted (`pending()`), bytes that select() cannot see; at most `most` bytes a turn of
+        the loop, so that a flood cannot hold it. False at the end of the stream."""
         assert self.sock is not None
-        while True:
+        self.unread = False
+        for _ in range(most // 65536):
             try:
                 chunk = self.sock.recv(65536)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -1427,6 +1555,8 @@ class Connection:
                 return False
             self.inbox += chunk
             self.last_heard, self.ping_sent = time.monotonic(), None
+        self.unread = True
+        return True
 
     def _messages(self) -> list[tuple[int, bytes]]:
         messages = []
@@ -1438,19 +1568,36 @@ class Connection:
                 self._on_close(payload)
             elif opcode == websocket.ABNF.OPCODE_PONG:
                 pass
+            elif (opcode == websocket.ABNF.OPCODE_CONT) != bool(self.fragmented_opcode):
+                raise self._broken("a continuation frame with no message before it"
+                                   if self.fragmented_opcode == 0 else
+                                   "a new message before the last one ended")
             else:
-                self.fragments.append(payload if opcode == websocket.ABNF.OPCODE_CONT
-                                      else bytes([opcode]) + payload)
+                self.fragments.append(payload)
+                self.fragmented_opcode = self.fragmented_opcode or opcode
+                if sum(map(len, self.fragments)) > self.MAX_MESSAGE:
+                    raise Fatal(f"the API sent a message of more than {self.MAX_MESSAGE} bytes, "
+                                "more than any event should be", Exit.CLOSED)
                 if fin:
-                    message = b"".join(self.fragments)
+                    messages.append((self.fragmented_opcode, b"".join(self.fragments)))
                     self.fragments.clear()
-                    messages.append((message[0], message[1:]))
+                    self.fragmented_opcode = 0
         return messages
+
+    def _broken(self, what: str) -> Fatal:
+        return Fatal(f"the API broke the WebSocket protocol ({what})", Exit.CLOSED, retry=True)
 
     def _next_frame(self) -> tuple[bool, int, bytes] | None:
         buf = self.inbox
         if len(buf) < 2:
             return None
+        fin, opcode = bool(buf[0] & 0x80), buf[0] & 0x0F
+        if buf[0] & 0x70:
+            raise self._broken("reserved bits set, with no extension agreed")
+        if opcode not in (0, 1, 2, 8, 9, 10):
+            raise self._broken(f"an unknown frame type {opcode}")
+        if opcode >= 8 and (not fin or buf[1] & 0x7F > 125):
+            raise self._broken("a control frame in pieces, or longer than 125 bytes")
         length, start = buf[1] & 0x7F, 2
         if length >= 126:
             start = 4 if length == 126 else 10
@@ -1467,7 +1614,6 @@ class Connection:
         payload = bytes(buf[end - length:end])
         if masked:  # servers must not mask, but undoing it costs nothing
             payload = websocket.ABNF.mask(bytes(buf[start:start + 4]), payload)
-        fin, opcode = bool(buf[0] & 0x80), buf[0] & 0x0F
         del buf[:end]
         return fin, opcode, payload
 
@@ -1504,6 +1650,14 @@ class Connection:
             self.sock.close()
 
 
+def clock_offset(date: str) -> float:
+    """How far the server's clock (an HTTP Date header) is ahead of ours; 0 when unknown."""
+    try:
+        return email.utils.parsedate_to_datetime(date).timestamp() - time.time()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return 0.0
+
+
 def parse_http_head(head: bytes) -> tuple[int, dict[str, str]]:
     """An HTTP answer's status and headers (lower-case names, as websocket-client keeps them)."""
     status_line, *lines = head.decode("latin-1").split("\r\n")
@@ -1527,7 +1681,7 @@ def refused(host: str, status: int, headers: dict[str, str], body: bytes) -> Fat
                      "captive portal, proxy or firewall is in the way; sign in to the network, "
                      "or check OPENAI_BASE_URL and https_proxy", Exit.NETWORK, retry=True)
     try:
-        error = json.loads(text)["error"]
+        error = parse_json(text)["error"]
         message, code = error["message"], error.get("code")
     except (ValueError, KeyError, TypeError, AttributeError):
         message, code = text.strip()[:200] or "no details", None
@@ -1551,7 +1705,7 @@ class Link:
 
     def __init__(self, config: Config, display: Display) -> None:
         self.url, self.api_key, self.keepalive = config.url, config.api_key, config.keepalive
-        self.timeout = config.connect_timeout
+        self.timeout, self.most_tries = config.connect_timeout, config.reconnect_tries
         # Certificate checks as everywhere (SSL_CERT_FILE is honoured), never switched off.
         self.tls = ssl.create_default_context() if config.url.startswith("wss:") else None
         self.display = display
@@ -1562,6 +1716,7 @@ class Link:
         self.expires_at: float | None = None  # monotonic deadline of the 60-minute limit
         self.reconnect_at: float | None = None
         self.tries = 0
+        self.quick_ends = 0  # sessions in a row that ended within a minute: the 2nd backs off
         self.rolling_over = False
 
     def open(self, now: float) -> None:
@@ -1575,8 +1730,24 @@ class Link:
             self.connection.send(event)
 
     def session_created(self, expires_at: Any) -> None:
-        if isinstance(expires_at, (int, float)) and expires_at > 0:
-            self.expires_at = time.monotonic() + expires_at - time.time()
+        """The session's time limit, read by the server's clock (the upgrade's Date header): a
+        computer whose clock is off must neither roll over at once, again and again, nor late.
+        A limit that no session has (already past, or hours away) is not acted on: the API's
+        own notice, `session_expired` or a close with 1001, starts the next session then."""
+        offset = self.connection.clock_offset if self.connection is not None else 0.0
+        if abs(offset) > 30:
+            self.display.warn(f"this computer's clock is {abs(offset):.0f} s "
+                              f"{'behind' if offset > 0 else 'ahead of'} the API's; the "
+                              "session's time limit is read by the API's clock", once="clock")
+        if isinstance(expires_at, bool) or not isinstance(expires_at, (int, float)) \
+                or not 0 < expires_at < 1e11:  # absent, or not a time (NaN fails too)
+            return
+        left = expires_at - (time.time() + offset)
+        if not ROLLOVER_MARGIN < left < 4 * 3600:
+            self.display.warn(f"the API says this session ends in {left:.0f} s; using it until "
+                              "the API ends it", once="expires")
+            return
+        self.expires_at = time.monotonic() + left
 
     def configured(self) -> bool:
         """session.updated arrived; True the first time for this connection."""
@@ -1630,6 +1801,13 @@ class Link:
                 raise connection.failure
         if self.rolling_over or connection.close_code == 1001:
             self.rolling_over = False
+            self.expires_at = None
+            self.quick_ends = self.quick_ends + 1 if now - connection.started < 60 else 0
+            if self.quick_ends > 1:  # no storm of sessions that end as they start: back off
+                self._back_off(f"{reason}, a minute or less after it started", now,
+                               self.quick_ends - 1, ("start a new session",
+                                                     "starting a new session"))
+                return reason
             self.reconnect_at = now
             self.display.info("starting a new session (the 60-minute limit); the model keeps "
                               "the conversation")
@@ -1639,13 +1817,16 @@ class Link:
 
     def _retry_later(self, reason: str, now: float) -> None:
         self.tries += 1
-        if self.tries > RECONNECT_TRIES:
-            raise Fatal(f"{reason}; gave up after {RECONNECT_TRIES} tries to reconnect",
+        self._back_off(reason, now, self.tries, ("reconnect", "reconnecting"))
+
+    def _back_off(self, reason: str, now: float, tries: int, what: tuple[str, str]) -> None:
+        if tries > self.most_tries:
+            raise Fatal(f"{reason}; gave up after {self.most_tries} tries to {what[0]}",
                         Exit.CLOSED)
-        delay = min(0.5 * 2 ** (self.tries - 1), 8.0) * random.uniform(0.5, 1.0)
+        delay = min(0.5 * 2 ** (tries - 1), 8.0) * random.uniform(0.5, 1.0)
         self.reconnect_at = now + delay
-        self.display.warn(f"{reason}; reconnecting in {delay:.1f} s (try {self.tries} of "
-                          f"{RECONNECT_TRIES}); the microphone is paused")
+        self.display.warn(f"{reason}; {what[1]} in {delay:.1f} s (try {tries} of "
+                          f"{self.most_tries}); the microphone is paused")
 
     def next_timer(self, now: float) -> float | None:
         """When tick() has something to do next."""
@@ -1667,10 +1848,10 @@ class Link:
         """What the status line says while there is no configured session."""
         connection = self.connection
         if connection is None:
-            if not self.tries:
-                return "starting a new session"
             wait = max((self.reconnect_at or now) - now, 0)
-            return f"reconnecting in {wait:.0f} s (try {self.tries} of {RECONNECT_TRIES})"
+            if self.tries:
+                return f"reconnecting in {wait:.0f} s (try {self.tries} of {self.most_tries})"
+            return f"starting a new session in {wait:.0f} s" if wait else "starting a new session"
         if self.ready:
             return None
         what = {"resolving": "looking up", "connecting": "connecting to", "proxy": "via proxy to",
@@ -1898,7 +2079,7 @@ class McpServer:
 
     def _receive(self, line: bytes) -> None:
         try:
-            message = json.loads(line)
+            message = parse_json(line)
             if not isinstance(message, dict):
                 raise ValueError("not an object")
         except ValueError:
@@ -2065,7 +2246,7 @@ class Toolbox:
     def call(self, call_id: str, name: str, arguments: str, now: float,
              approval_request: str = "") -> ToolCall:
         try:
-            parsed = json.loads(arguments or "{}")
+            parsed = parse_json(arguments or "{}")
         except ValueError:
             parsed = None
         valid = isinstance(parsed, dict)
@@ -2261,7 +2442,8 @@ class Usage:
 
 
 def response_cost(prices: Prices | None, usage: dict[str, Any]) -> float | None:
-    """USD for one response. Audio and cached tokens are subsets of the input/output totals."""
+    """USD for one response, from its checked usage (see checked_usage). Audio and cached
+    tokens are subsets of the input/output totals."""
     if prices is None:
         return None
     audio_in, audio_cached, audio_out, text_in, text_cached, text_out, image_in = prices
@@ -2278,11 +2460,21 @@ def response_cost(prices: Prices | None, usage: dict[str, Any]) -> float | None:
     return float(sum(max(int(n), 0) * price for n, price in tokens_and_prices)) / 1_000_000
 
 
+# What a server's text may not bring to the terminal: control characters but tab and newline (C0,
+# DEL, C1: ESC starts sequences that clear the screen, set the title or make the terminal type a
+# reply into our stdin), bidi embeddings, overrides and isolates (text that reads other than it
+# is), and surrogates (in a str from JSON only unpaired ones, which no terminal encoding carries).
+UNSAFE_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+SHOWN_CHARS = 50_000  # of one reply's words: a spoken reply of an hour is shorter
+LIVE_CHARS = 2_000  # of a reply still streaming, the live lines show its end
+REDRAW_EVERY = 0.05  # s: the live lines are redrawn at most this often (what is typed: at once)
+
+
 class Display:
     """Everything the person reads. Into a pipe or file: one finished line per turn. On a
     terminal, the bottom lines are live: the assistant's words as they stream, a status line and
     the line being typed; everything else prints above them. The live part is redrawn from the
-    loop (rich's auto-refresh would start a thread)."""
+    loop (rich's auto-refresh would start a thread). Every text passes `clean()` on its way."""
 
     def __init__(self, secret: str) -> None:
         self.out = Console(highlight=False, soft_wrap=True)
@@ -2292,10 +2484,12 @@ class Display:
         self.err = self.out if self.live else Console(stderr=True, highlight=False, soft_wrap=True)
         self.secret = secret
         self.open_line: str | None = None  # item id whose words are streaming
-        self.partial = ""
+        self.partial: list[str] = []  # its words so far, in pieces: joined only when drawn
+        self.partial_chars = 0
         self.status = ""
         self.typing = ""
-        self.shown: tuple[str, str, str] | None = None
+        self.shown: tuple[str | None, int, str, str] | None = None
+        self.drawn_at = 0.0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.escape = 0  # inside a terminal escape sequence (arrow keys …): 1 after ESC, 2 in CSI
         self.warned: set[str] = set()
@@ -2309,15 +2503,26 @@ class Display:
         if self.live:
             self.live.stop()
 
-    def refresh(self, status: str) -> None:
-        """Redraw the live lines if anything in them changed."""
-        self.status = status
-        if self.live and self.shown != (self.partial, self.status, self.typing):
-            self.shown = (self.partial, self.status, self.typing)
-            lines = [Text.assemble(("assistant: ", "bold green"), self.partial)] \
-                if self.open_line else []
-            lines += [Text(f"● {status}", style="dim"), Text.assemble(("› ", "bold"), self.typing)]
-            self.live.update(Group(*lines), refresh=True)
+    def refresh(self, status: str, now: float) -> None:
+        """Redraw the live lines if anything in them changed: at once for what is typed, at
+        most every REDRAW_EVERY for the rest (a flood of deltas must not redraw per delta)."""
+        self.status = self.clean(status)
+        state = (self.open_line, self.partial_chars, self.status, self.typing)
+        if not self.live or self.shown == state or (
+                self.shown is not None and self.shown[3] == self.typing
+                and now < self.drawn_at + REDRAW_EVERY):
+            return
+        self.shown, self.drawn_at = state, now
+        lines = [Text.assemble(("assistant: ", "bold green"), self._words()[-LIVE_CHARS:])] \
+            if self.open_line else []
+        lines += [Text(f"● {self.status}", style="dim"), Text.assemble(("› ", "bold"), self.typing)]
+        self.live.update(Group(*lines), refresh=True)
+
+    def next_redraw(self) -> float | None:
+        """When a change held back by refresh() is due."""
+        pending = self.live and self.shown != (self.open_line, self.partial_chars, self.status,
+                                               self.typing)
+        return self.drawn_at + REDRAW_EVERY if pending else None
 
     def typed(self, data: bytes) -> list[str]:
         """Lines finished with Enter. On a terminal in cbreak mode we edit the line ourselves
@@ -2340,20 +2545,27 @@ class Display:
                 self.typing += char
         return lines
 
+    def _words(self) -> str:
+        if len(self.partial) > 1:
+            self.partial[:] = ["".join(self.partial)]
+        return self.partial[0] if self.partial else ""
+
     def end_line(self) -> None:
         if self.open_line is not None:
-            self.out.print(Text.assemble(("assistant: ", "bold green"), self.partial))
-            self.open_line, self.partial = None, ""
+            self.out.print(Text.assemble(("assistant: ", "bold green"), self._words()))
+            self.open_line, self.partial, self.partial_chars = None, [], 0
 
-    def clean(self, text: str) -> str:
-        return text.replace(self.secret, "sk-…") if self.secret else text
+    def clean(self, text: Any) -> str:
+        """Text as the terminal may show it (see UNSAFE_CHARS), without the API key."""
+        shown = UNSAFE_CHARS.sub("", text if isinstance(text, str) else str(text))
+        return shown.replace(self.secret, "sk-…") if self.secret else shown
 
     # Lines print above the live ones, so a reply still streaming is not cut in two.
     def info(self, text: str) -> None:
         self.out.print(Text(self.clean(text), style="dim"))
 
     def warn(self, text: str, once: str | None = None) -> None:
-        if once in self.warned:
+        if once in self.warned or (once and len(self.warned) >= 100):  # a server's made-up kinds
             return
         if once:
             self.warned.add(once)
@@ -2364,7 +2576,7 @@ class Display:
         self.err.print(Text("error: " + self.clean(text), style="bold red"))
 
     def user(self, text: str) -> None:
-        self.out.print(Text.assemble(("you: ", "bold cyan"), text.strip()))
+        self.out.print(Text.assemble(("you: ", "bold cyan"), self.clean(text).strip()))
 
     def assistant_delta(self, item_id: str, delta: str) -> None:
         if not self.live:
@@ -2372,25 +2584,30 @@ class Display:
         if self.open_line != item_id:
             self.end_line()
             self.open_line = item_id
-        self.partial += delta
+        if self.partial_chars < SHOWN_CHARS:
+            self.partial.append(self.clean(delta)[:SHOWN_CHARS - self.partial_chars])
+            self.partial_chars += len(self.partial[-1]) or 1  # a change, even if empty
 
     def assistant_done(self, item_id: str, transcript: str) -> None:
         if self.open_line == item_id:
-            self.partial = transcript or self.partial
+            if transcript:
+                self.partial = [self.clean(transcript[:SHOWN_CHARS])]
             self.end_line()
         elif transcript and not self.live:
-            self.out.print(Text.assemble(("assistant: ", "bold green"), transcript))
+            self.out.print(Text.assemble(("assistant: ", "bold green"),
+                                         self.clean(transcript[:SHOWN_CHARS])))
 
     def interrupted(self, transcript: str, heard: float) -> None:
         """Show which words were heard; the rest, never heard, is struck through."""
-        self.open_line, self.partial = None, ""
+        self.open_line, self.partial, self.partial_chars = None, [], 0
+        transcript = self.clean(transcript[:SHOWN_CHARS])
         cut = round(len(transcript) * heard)
         self.out.print(Text.assemble(("  interrupted, heard: ", "yellow"), transcript[:cut],
                                      (transcript[cut:], "dim strike")))
 
     def tool_call(self, shown: str) -> None:
         self.end_line()
-        self.out.print(Text.assemble(("tool: ", "bold magenta"), shown))
+        self.out.print(Text.assemble(("tool: ", "bold magenta"), self.clean(shown)))
 
     def tool_result(self, output: str) -> None:
         first = (output.strip().splitlines() or [""])[0]
@@ -2398,14 +2615,15 @@ class Display:
 
     def ask(self, question: str) -> None:
         self.end_line()
-        self.out.print(Text(question, style="bold yellow"))
+        self.out.print(Text(self.clean(question), style="bold yellow"))
 
     def usage(self, usage: dict[str, Any], cost: float | None) -> None:
-        inp, out = usage.get("input_token_details") or {}, usage.get("output_token_details") or {}
-        self.info(f"  tokens in {usage.get('input_tokens', 0)} (text {inp.get('text_tokens', 0)}, "
-                  f"audio {inp.get('audio_tokens', 0)}, cached {inp.get('cached_tokens', 0)}) · "
-                  f"out {usage.get('output_tokens', 0)} (text {out.get('text_tokens', 0)}, "
-                  f"audio {out.get('audio_tokens', 0)}) · {money(cost)}")
+        """A response's checked usage (see checked_usage) and its cost."""
+        inp, out = usage["input_token_details"], usage["output_token_details"]
+        self.info(f"  tokens in {usage['input_tokens']} (text {inp['text_tokens']}, "
+                  f"audio {inp['audio_tokens']}, cached {inp['cached_tokens']}) · "
+                  f"out {usage['output_tokens']} (text {out['text_tokens']}, "
+                  f"audio {out['audio_tokens']}) · {money(cost)}")
 
     def totals(self, total: Usage) -> None:
         self.end_line()
@@ -2418,6 +2636,34 @@ def money(cost: float | None) -> str:
 
 
 # --- The conversation: one handler per server event ----------------------------------------------
+
+class Words:
+    """The assistant's words so far, per item. Deltas are kept in pieces and joined when read: a
+    flood of deltas must not copy all the words each time. An item keeps at most SHOWN_CHARS."""
+
+    def __init__(self) -> None:
+        self.pieces: dict[str, list[str]] = {}
+        self.sizes: dict[str, int] = {}
+
+    def add(self, item_id: str, delta: str) -> None:
+        size = self.sizes.get(item_id, 0)
+        if size < SHOWN_CHARS:
+            self.pieces.setdefault(item_id, []).append(delta[:SHOWN_CHARS - size])
+            self.sizes[item_id] = size + len(delta)
+
+    def set(self, item_id: str, text: str) -> None:
+        self.pieces[item_id], self.sizes[item_id] = [text[:SHOWN_CHARS]], len(text)
+
+    def get(self, item_id: str) -> str:
+        pieces = self.pieces.get(item_id) or [""]
+        if len(pieces) > 1:
+            pieces[:] = ["".join(pieces)]
+        return pieces[0]
+
+    def keep(self, item_ids: Any) -> None:
+        self.pieces = {key: value for key, value in self.pieces.items() if key in item_ids}
+        self.sizes = {key: self.sizes[key] for key in self.pieces}
+
 
 @dataclasses.dataclass
 class Turn:
@@ -2451,7 +2697,7 @@ class Conversation:
         self.response_active = False
         self.user_speaking = False
         self.interrupted: set[str] = set()  # items whose late audio and words we drop
-        self.transcripts: dict[str, str] = {}  # assistant words so far, per item
+        self.transcripts = Words()
         self.total = Usage()
 
     def send(self, event: dict[str, Any]) -> None:
@@ -2493,7 +2739,7 @@ class Conversation:
         """The link reconnects; what was said so far is kept for the next session."""
         for turn in self.history[-5:]:  # a reply cut off mid-way still plays to its end
             if turn.role == "assistant" and not turn.text:
-                turn.text = self.transcripts.get(turn.item_id, "").strip()
+                turn.text = self.transcripts.get(turn.item_id).strip()
         self.display.end_line()
         self.response_active = self.user_speaking = False
         self.microphone.drop()
@@ -2578,7 +2824,8 @@ class Conversation:
         if handler is not None:
             try:
                 handler(self, message)
-            except (KeyError, TypeError, ValueError, AttributeError) as error:
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError,
+                    OverflowError) as error:
                 self.display.warn(f"skipping a malformed {message['type']!r} event ({error!r})",
                                   once="malformed " + message["type"])
         elif message["type"] not in QUIET_EVENTS:
@@ -2705,15 +2952,15 @@ class Conversation:
     def on_transcript_delta(self, event: dict[str, Any]) -> None:
         item_id = event.get("item_id", "")
         if item_id not in self.interrupted:
-            self.transcripts[item_id] = self.transcripts.get(item_id, "") + event.get("delta", "")
+            self.transcripts.add(item_id, event.get("delta", ""))
             self.display.assistant_delta(item_id, event.get("delta", ""))
 
     def on_transcript_done(self, event: dict[str, Any]) -> None:
         item_id = event.get("item_id", "")
         if item_id not in self.interrupted:
-            self.transcripts[item_id] = event.get("transcript", "")
-            self.remember("assistant", item_id, self.transcripts[item_id])
-            self.display.assistant_done(item_id, self.transcripts[item_id])
+            self.transcripts.set(item_id, event.get("transcript", ""))
+            self.remember("assistant", item_id, self.transcripts.get(item_id))
+            self.display.assistant_done(item_id, self.transcripts.get(item_id))
 
     def on_response_done(self, event: dict[str, Any]) -> None:
         self.response_active = False
@@ -2722,25 +2969,28 @@ class Conversation:
             error = (response.get("status_details") or {}).get("error") or {}
             self.display.warn(f"the response failed: {error.get('code')} {error.get('message', '')}")
         usage = response.get("usage") or {}
-        cost = response_cost(self.config.prices, usage) if usage else None
+        figures = checked_usage(usage) if usage else None
+        if usage and figures is None:
+            self.display.warn("the API sent usage figures that are not token counts; responses "
+                              "with such figures are not counted", once="usage")
+        cost = response_cost(self.config.prices, figures) if figures else None
         ids = [item.get("id", "") for item in response.get("output") or []
                if item.get("type") == "message"]
         self.config.log.write(
             speaker="assistant", item_ids=ids, status=response.get("status"),
-            text=" ".join(self.transcripts.get(item_id, "") for item_id in ids).strip(),
+            text=" ".join(self.transcripts.get(item_id) for item_id in ids).strip(),
             heard="truncated" if set(ids) & self.interrupted else "full", usage=usage,
             cost_usd=cost)
-        self.transcripts = {k: v for k, v in self.transcripts.items() if k in self.player.items}
-        if usage:
-            self.count(usage, cost)
+        self.transcripts.keep(self.player.items)
+        if figures:
+            self.count(figures, cost)
 
     def count(self, usage: dict[str, Any], cost: float | None) -> None:
-        """Add a response to the session's totals, and hold the spend to --max-cost."""
-        input_tokens, output_tokens = int(usage.get("input_tokens", 0)), int(usage.get(
-            "output_tokens", 0))  # a malformed count fails here, before the totals change
+        """Add a response's checked usage to the session's totals, and hold the spend to
+        --max-cost."""
         self.total.responses += 1
-        self.total.input_tokens += input_tokens
-        self.total.output_tokens += output_tokens
+        self.total.input_tokens += usage["input_tokens"]
+        self.total.output_tokens += usage["output_tokens"]
         self.total.cost = None if cost is None or self.total.cost is None \
             else self.total.cost + cost
         self.display.usage(usage, cost)
@@ -2819,7 +3069,7 @@ class Conversation:
         self.send({"type": "conversation.item.truncate", "item_id": item.item_id,
                    "content_index": 0, "audio_end_ms": min(heard_ms, received_ms)})
         self.interrupted.add(item.item_id)
-        words = self.transcripts.get(item.item_id, "")
+        words = self.transcripts.get(item.item_id)
         heard = words[:round(len(words) * heard_ms / max(received_ms, 1))]
         self.remember("assistant", item.item_id).text = heard
         self.config.log.write(event="truncated", item_id=item.item_id, heard_ms=heard_ms,
@@ -2932,6 +3182,9 @@ QUIET_EVENTS = {
     "response.function_call_arguments.delta", "response.function_call_arguments.done",
     "rate_limits.updated", "response.mcp_call_arguments.delta", "response.mcp_call_arguments.done",
     "response.mcp_call.in_progress", "response.mcp_call.completed", "response.mcp_call.failed",
+    # Only on WebRTC and SIP connections, but valid events all the same.
+    "input_audio_buffer.dtmf_event_received", "output_audio_buffer.started",
+    "output_audio_buffer.stopped", "output_audio_buffer.cleared",
 }
 
 
@@ -2941,9 +3194,12 @@ def decode_event(opcode: int, payload: bytes, display: Display) -> dict[str, Any
         display.warn("ignoring a binary frame from the API", once="binary")
         return None
     try:
-        event = json.loads(payload)
-    except ValueError:
+        event = parse_json(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError):
         display.warn("ignoring a message from the API that is not JSON", once="json")
+        return None
+    except ValueError as error:
+        display.warn(f"ignoring a message from the API {error}", once="deep")
         return None
     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
         display.warn("ignoring a message from the API without a type", once="type")
@@ -2952,6 +3208,46 @@ def decode_event(opcode: int, payload: bytes, display: Display) -> dict[str, Any
 
 
 # --- The loop -------------------------------------------------------------------------------------
+
+EVENT_SLICE = 0.02  # s of handling events before the loop turns to everything else again
+INBOX_LIMIT = 5_000  # messages waiting: past this the socket waits (TCP slows the server down)
+
+
+class Inbox:
+    """The server's messages that are not handled yet. The loop handles them in slices of
+    EVENT_SLICE, so that a flood of events cannot hold it: the microphone, the player and
+    Ctrl-C get their turn between slices. An event that comes twice (its event_id) counts once."""
+
+    def __init__(self, display: Display) -> None:
+        self.display = display
+        self.messages: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.recent: dict[str, None] = {}  # event ids, oldest first
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def add(self, messages: list[tuple[int, bytes]]) -> None:
+        self.messages.extend(messages)
+
+    def full(self) -> bool:
+        return len(self.messages) >= INBOX_LIMIT
+
+    def events(self, until: float) -> Iterator[dict[str, Any]]:
+        while self.messages and time.monotonic() < until:
+            event = decode_event(*self.messages.popleft(), self.display)
+            if event is not None and not self._repeated(event.get("event_id")):
+                yield event
+
+    def _repeated(self, event_id: Any) -> bool:
+        if not isinstance(event_id, str):
+            return False
+        if event_id in self.recent:
+            return True
+        self.recent[event_id] = None
+        if len(self.recent) > 256:
+            del self.recent[next(iter(self.recent))]
+        return False
+
 
 class Stop(Exception):
     """A normal, clean end: Ctrl-C, SIGTERM, SIGHUP, or the --max-cost budget (with a reason)."""
@@ -3019,6 +3315,7 @@ def loop(conversation: Conversation) -> None:
     # What the connection waits on changes with each step (resolver, socket, TLS socket) and with
     # each new connection: (connection, phase, fd, events), registered again whenever it changes.
     watched: tuple[Connection, str, int, int] | None = None
+    inbox = Inbox(display)
     try:
         while True:
             connection = conversation.link.connection
@@ -3035,8 +3332,11 @@ def loop(conversation: Conversation) -> None:
             timers = [t for t in (conversation.player.next_wakeup(now),
                                   conversation.next_timer(now)) if t is not None]
             if display.live:
-                timers.append(now + 1)  # the status line's clock
+                timers.append(display.next_redraw() or now + 1)  # or the status line's clock
+            if inbox or (connection is not None and connection.buffered()):
+                timers.append(now)  # more to handle: look at the rest, then go on at once
             events = selector.select(max(min(timers) - now, 0) if timers else None)
+            connection_ready = False
             for key, _ in events:
                 what = key.data
                 if selector.get_map().get(key.fd) is not key:
@@ -3045,11 +3345,8 @@ def loop(conversation: Conversation) -> None:
                     if wakeup_r.recv(64):
                         ignore_exit_signals()  # the way out must not be cut short by another
                         raise Stop
-                elif what == "connection" and connection is not None:
-                    for opcode, payload in connection.on_ready():
-                        event = decode_event(opcode, payload, display)
-                        if event is not None:
-                            conversation.handle(event)
+                elif what == "connection":
+                    connection_ready = True
                 elif what == "mic":
                     audio = read_available(key.fd)
                     if audio == b"":
@@ -3067,10 +3364,15 @@ def loop(conversation: Conversation) -> None:
                 elif isinstance(what, Sox):  # stderr: a FAIL line, or EOF as sox exits
                     if not what.read_stderr() or what.failed:
                         conversation.on_sox_died(what)
+            if connection is not None and (connection_ready or connection.buffered()) \
+                    and not inbox.full():
+                inbox.add(connection.on_ready())
+            for event in inbox.events(until=time.monotonic() + EVENT_SLICE):
+                conversation.handle(event)
             now = time.monotonic()
             conversation.tick(now)
             conversation.player.pump(now)
-            display.refresh(conversation.status(now))
+            display.refresh(conversation.status(now), now)
     finally:
         display.stop()
         if terminal:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import email.utils
 import itertools
 import json
 import math
@@ -273,6 +274,7 @@ class FakeRealtime:
         self.refuse = refuse  # (HTTP status, body) to fail the handshake with
         self.tls = tls  # serve wss:// on localhost with this context
         self.upgrade_delay: list[float] = []  # seconds to hold the n-th upgrade answer back
+        self.clock_offset = 0.0  # s the Date header of the upgrade is ahead of the real time
         self.received: list[tuple[float, dict[str, Any]]] = []
         self.problems: list[str] = []
         self.request_headers: list[dict[str, str]] = []
@@ -304,7 +306,7 @@ class FakeRealtime:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         async with serve(self._handle, "127.0.0.1", 0, process_request=self._check_request,
-                         max_size=None, ssl=self.tls) as server:
+                         process_response=self._date, max_size=None, ssl=self.tls) as server:
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()
             await self._stop.wait()
@@ -321,6 +323,12 @@ class FakeRealtime:
             response.headers["Content-Type"] = "application/json"
             return response
         return None
+
+    def _date(self, ws: ServerConnection, request: Request, response: Response) -> None:
+        if self.clock_offset:  # a server whose clock differs from this computer's
+            del response.headers["Date"]
+            response.headers["Date"] = email.utils.formatdate(time.time() + self.clock_offset,
+                                                              usegmt=True)
 
     async def _handle(self, ws: ServerConnection) -> None:
         session = Session(self, ws)

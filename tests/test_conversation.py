@@ -185,9 +185,8 @@ def test_a_malformed_event_is_skipped_and_reported_once(serve, run_client):
     async def script(session):
         await session.handshake()
         for _ in range(2):
-            await session.send("response.done", checked=False, response={
-                "status": "completed", "usage": {
-                "input_tokens": "many", "output_tokens": 3}})
+            await session.send("response.output_item.done", checked=False, response_id="r",
+                               output_index=0, item="not an object")
         await session.reply(noise(0.2), "Still fine")
         await asyncio.sleep(3600)
 
@@ -195,6 +194,6 @@ def test_a_malformed_event_is_skipped_and_reported_once(serve, run_client):
     client.wait_for("assistant: Still fine")
     client.wait_for("tokens in 118")
     assert client.stop() == 0
-    assert client.stderr.count("skipping a malformed 'response.done' event") == 1
-    assert "session: 1 responses · 118 tokens in" in client.stdout  # the bad ones not counted
+    assert client.stderr.count("skipping a malformed 'response.output_item.done' event") == 1
+    assert "session: 1 responses · 118 tokens in" in client.stdout
     assert "Traceback" not in client.stderr
