@@ -812,7 +812,9 @@ ECHO_BIN = 0.010  # s: both envelopes are 10 ms bins
 ECHO_MAX_DELAY = 50  # bins: the longest speaker-to-microphone delay it looks for (500 ms)
 ECHO_WINDOW = 400  # bins (4 s) it learns from, relearning every ECHO_RELEARN bins
 ECHO_RELEARN = 100
-ECHO_LEARN_FROM = 150  # bins of the assistant's sound it needs before it trusts what it learned
+ECHO_FIRST_RELEARN = 20  # ...and this often until it has learned the room from this run
+ECHO_LEARN_FROM = 60  # bins of the assistant's sound it needs before it trusts what it learned
+ECHO_TAIL = 1.0  # s after the assistant's sound in which the microphone may still hear it
 ECHO_DECAYS = (100, 200, 300, 450, 650, 900)  # ms: the room tails (RT60) it tries
 ECHO_MARGIN = 10 ** 0.45  # power: the person is 4.5 dB above the (calibrated) echo...
 ECHO_FRAMES = 3  # ...in this many 20 ms frames in a row (one fewer at 12 dB above)
@@ -911,15 +913,18 @@ class EchoGuard:
 
     PASS, HOLD, PERSON = "pass", "hold", "person"
 
-    def __init__(self) -> None:
+    def __init__(self, remembered: EchoPath | None = None) -> None:
         self.reference: dict[int, float] = {}  # bin → power the speaker plays then (ledger time)
         self.pending = bytearray()  # played audio not yet a whole bin, starting at pending_at
         self.pending_at = 0.0
-        self.heard: collections.deque[tuple[int, float, bool]] = collections.deque(
-            maxlen=ECHO_WINDOW)  # (bin, microphone power, maybe more than the echo)
+        # (bin, microphone power, maybe more than the echo, may hold the echo at all)
+        self.heard: collections.deque[tuple[int, float, bool, bool]] = collections.deque(
+            maxlen=ECHO_WINDOW)
         self.quiet_means: collections.deque[float] = collections.deque(maxlen=100)
         self.noise = 1e-6  # the room's own power: the lowest 100 ms mean of the last 10 s
-        self.path: EchoPath | None = None
+        self.path = remembered  # a room remembered from an earlier run, until this one's is learned
+        self.learned = False  # the path was learned in this run
+        self.fits: list[float] = []  # a remembered path: this run's echo against it, per frame
         self.no_echo = False
         self.direct = self.room = 0.0  # the delayed reference now, and its tail in the room
         self.loud_frames = self.very_loud = 0
@@ -927,6 +932,7 @@ class EchoGuard:
         self.person = False  # speaking over the assistant, until the next reply plays
         self.interrupted_at = -math.inf
         self.audible_until = -math.inf  # the end of the last played audio (ledger time)
+        self.sound_from = self.sound_until = -math.inf  # the latest stretch of sound, not silence
         # The frames of the last ECHO_PREROLL s and this one (auto always has 20 ms frames).
         self.preroll_frames: collections.deque[bytes] = collections.deque(
             maxlen=int(ECHO_PREROLL * BYTES_PER_SECOND) // FRAME_BYTES + 1)
@@ -937,8 +943,11 @@ class EchoGuard:
         if abs(at - (self.pending_at + len(self.pending) / BYTES_PER_SECOND)) > 0.002:
             self._bin_pending()  # not contiguous with the last write: a new stretch of sound
             self.pending_at = at
-        if self.person and frame_power(audio) > 0:
+        if frame_power(audio) > 0:
             self.person = False  # a new reply: guard it
+            if at > self.sound_until + ECHO_TAIL:
+                self.sound_from = at
+            self.sound_until = max(self.sound_until, at + len(audio) / BYTES_PER_SECOND)
         self.pending += audio
         self.audible_until = max(self.audible_until, at + len(audio) / BYTES_PER_SECOND)
         while len(self.pending) >= ECHO_BIN * BYTES_PER_SECOND:
@@ -969,13 +978,16 @@ class EchoGuard:
         first = round(captured / ECHO_BIN)
         heard = sum(powers)
         expected = sum(self._expected(first + n) for n in range(len(powers)))
-        # Louder than the echo may be the person: the echo is not learned from it.
+        # Louder than the echo may be the person: the echo is not learned from it. Nor from what
+        # the microphone hears before the assistant's sound, or long after: the person's question.
         suspect = self.person or (self.path is not None and heard > ECHO_MARGIN * expected)
+        may_echo = self.sound_from <= captured + 0.02 and captured < self.sound_until + ECHO_TAIL
         for n, power in enumerate(powers):
-            self.heard.append((first + n, power, suspect))
+            self.heard.append((first + n, power, suspect, may_echo))
             self.bins_heard += 1
             if self.bins_heard % ECHO_RELEARN == 0:
                 self._track_noise()
+            if self.bins_heard % (ECHO_RELEARN if self.learned else ECHO_FIRST_RELEARN) == 0:
                 self._learn()
         return self._verdict(heard, expected, len(powers) * self.noise, captured)
 
@@ -996,6 +1008,8 @@ class EchoGuard:
             return self.PASS
         if self.path is None:  # still learning the room: the microphone is the assistant's
             return self.HOLD
+        if not self.learned and not self._fits_remembered(heard, expected, noise):
+            return self.HOLD
         loud = heard > ECHO_MARGIN * expected and heard > ECHO_ABOVE_NOISE * noise
         self.loud_frames = self.loud_frames + 1 if loud else 0
         self.very_loud = self.very_loud + 1 if heard > ECHO_MARGIN ** 2 * expected else 0
@@ -1007,6 +1021,21 @@ class EchoGuard:
         self.interrupted_at = captured
         return self.PERSON
 
+    def _fits_remembered(self, heard: float, expected: float, noise: float) -> bool:
+        """Whether a room remembered from an earlier run still holds, by the echo's first loud
+        frames in this one. Louder than it says (the speakers turned up, another room): it is
+        dropped at once, and the guard holds while it learns. Until 8 frames tell, it holds too:
+        a first word within 200 ms of the first reply waits for the learning."""
+        assert self.path is not None
+        if expected > 2 * ECHO_ABOVE_NOISE * noise:  # the model says: clearly some echo here
+            self.fits.append((heard - noise) * self.path.margin / (expected - noise))
+            del self.fits[:-50]
+        ordered = sorted(self.fits)
+        if len(ordered) >= 8 and ordered[len(ordered) // 2] > 2:  # 3 dB louder, half the time
+            self.path, self.fits = None, []
+            return False
+        return len(ordered) >= 8
+
     def preroll(self) -> list[bytes]:
         """The frames up to this one: the person's first words, which were held back."""
         frames = list(self.preroll_frames)
@@ -1016,7 +1045,7 @@ class EchoGuard:
     # Learning the room
     def _track_noise(self) -> None:
         """Speech always pauses for 100 ms somewhere: the quietest 100 ms is the room alone."""
-        recent = [power for _, power, _ in list(self.heard)[-ECHO_RELEARN:]]
+        recent = [power for _, power, _, _ in list(self.heard)[-ECHO_RELEARN:]]
         self.quiet_means.extend(sum(recent[n:n + 10]) / 10 for n in range(0, len(recent), 10))
         self.noise = max(min(self.quiet_means), 1e-10)
 
@@ -1024,7 +1053,7 @@ class EchoGuard:
         """From the last 4 s: the delay that best lines up the envelopes, then the gain and decay
         that best predict what the microphone heard while only the assistant spoke."""
         heard = self._echo_only()
-        if len(heard) < ECHO_WINDOW // 2:
+        if len(heard) < ECHO_LEARN_FROM + 20:
             return
         first, last = heard[0][0], heard[-1][0]
         self.reference = {key: power for key, power in self.reference.items()
@@ -1032,7 +1061,7 @@ class EchoGuard:
         played = [self.reference.get(key, 0.0) for key in range(first - ECHO_MAX_DELAY - 2,
                                                                  last + 3)]
         sounding = sum(1 for power in played if power > 1e-7)
-        if sounding < max(len(played) // 4, ECHO_LEARN_FROM):
+        if sounding < ECHO_LEARN_FROM:
             return  # too little of the assistant to learn from
         keys = [key - first + ECHO_MAX_DELAY + 2 for key, _ in heard]
         mic = [math.sqrt(power) for _, power in heard]
@@ -1057,21 +1086,31 @@ class EchoGuard:
         if path.margin == math.inf:  # nothing above the room's noise to fit yet
             return
         self.no_echo = False
-        old = self.path
+        old = self.path if self.learned else None  # a remembered room gives way at once
         if old is not None and path.margin * path.direct < old.margin * old.direct:
             path = dataclasses.replace(path, margin=(path.margin + old.margin) / 2)  # slowly
-        self.path = path
+        self.path, self.learned = path, True
+        self._settle(self.heard[-1][0])
+
+    def _settle(self, key: int) -> None:
+        """The room's tail as the new path has it at bin `key`: begun from zero, it would take
+        a whole RT60 to grow, and meanwhile the echo would read as the person."""
+        assert self.path is not None
+        self.room = self.direct = 0.0
+        for at in range(key - 150 - self.path.delay, key - self.path.delay + 1):
+            self.room = self.room * self.path.decay + self.direct
+            self.direct = max(self.reference.get(at + shift, 0.0) for shift in (-1, 0, 1, 2))
 
     def _echo_only(self) -> list[tuple[int, float]]:
         """The window's bins that are only the echo: none within 100 ms of a suspect one (a
         voice grows for a while before it is clearly louder than the echo)."""
         held_out = [False] * len(self.heard)
-        for index, (_, _, suspect) in enumerate(self.heard):
+        for index, (_, _, suspect, _) in enumerate(self.heard):
             if suspect:
                 start, end = max(index - 10, 0), min(index + 11, len(held_out))
                 held_out[start:end] = [True] * (end - start)
-        return [(key, power) for (key, power, _), out in zip(self.heard, held_out, strict=True)
-                if not out]
+        return [(key, power) for (key, power, _, may_echo), out
+                in zip(self.heard, held_out, strict=True) if may_echo and not out]
 
     def _fit(self, heard: list[float], echo: list[float], direct: list[float], rt60_ms: float
              ) -> EchoPath:
@@ -1101,9 +1140,12 @@ class EchoGuard:
         frames = [(heard[n] + heard[n + 1]) / (predicted[n] + predicted[n + 1])
                   for n in range(0, len(heard) - 1, 2)
                   if predicted[n] + predicted[n + 1] > 2 * ECHO_ABOVE_NOISE * self.noise]
-        if len(frames) < 50 or gain_direct + gain_tail <= 0:  # too few for a 99th percentile
+        if len(frames) < 25 or gain_direct + gain_tail <= 0:
             return EchoPath(0, 0.0, 0.0, decay, math.inf, 0.0)
-        margin = max(sorted(frames)[int(len(frames) * ECHO_CALIBRATION)], 1.0)
+        # Too few frames for a 99th percentile (the first second of a reply): the loudest, and
+        # 2 dB on top, until there are more.
+        margin = max(sorted(frames)[int(len(frames) * ECHO_CALIBRATION)] if len(frames) >= 100
+                     else max(frames) * 10 ** 0.2, 1.0)
         return EchoPath(0, gain_direct, gain_tail, decay, margin, 0.0)
 
     def status(self) -> str:
@@ -1111,7 +1153,59 @@ class EchoGuard:
             return "echo guard: no echo"
         if self.path is None:
             return "echo guard: learning"
-        return f"echo guard {self.path.gain_db:.0f} dB"
+        return f"echo guard {self.path.gain_db:.0f} dB{'' if self.learned else ' (remembered)'}"
+
+
+class RoomMemory:
+    """The echo path learned in a run, kept for the next one in a small JSON file in the user's
+    cache directory, per microphone and speaker: the next run's first reply is guarded, and
+    interruptible, from its first words. Forgetting it is deleting the file."""
+
+    def __init__(self, plumbing: Plumbing) -> None:
+        cache = os.environ.get("XDG_CACHE_HOME") or str(
+            Path.home() / ("Library/Caches" if sys.platform == "darwin" else ".cache"))
+        self.file = Path(cache) / "realtime-sox" / "rooms.json"
+        self.key = f"{plumbing.input_device or 'default'} → {plumbing.output_device or 'default'}"
+
+    def _rooms(self) -> dict[str, Any]:
+        try:
+            rooms = json.loads(self.file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return rooms if isinstance(rooms, dict) else {}
+
+    def recall(self) -> EchoPath | None:
+        """The path remembered for these devices, if there is one that makes sense."""
+        room: Any = self._rooms().get(self.key)
+        try:
+            path = EchoPath(int(room["delay"]), float(room["direct"]), float(room["tail"]),
+                            float(room["decay"]), float(room["margin"]), float(room["match"]))
+        except (TypeError, KeyError, ValueError, OverflowError):
+            return None
+        sane = 0 <= path.delay <= ECHO_MAX_DELAY and 0 <= path.direct <= 10 and \
+            0 <= path.tail <= 10 and 0 < path.decay < 1 and 1 <= path.margin <= 1000 and \
+            path.direct + path.tail > 0
+        return path if sane else None
+
+    def keep(self, guard: EchoGuard) -> None:
+        """What this run learned: its path, or nothing at all (headphones, or a run too short
+        to learn in, leave what was remembered as it was, but for no echo: that is forgotten,
+        since speakers may be back next time)."""
+        rooms = self._rooms()
+        if guard.no_echo:
+            rooms.pop(self.key, None)
+        elif guard.learned and guard.path is not None:
+            rooms[self.key] = {**dataclasses.asdict(guard.path),
+                               "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        else:
+            return
+        try:  # written whole, then renamed: a run that dies meanwhile leaves the old file
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.file.with_suffix(".partial")
+            partial.write_text(json.dumps(rooms, indent=1, ensure_ascii=False), encoding="utf-8")
+            partial.replace(self.file)
+        except OSError:
+            pass  # a read-only cache: the next run learns the room again
 
 
 def later(values: list[float], keys: list[int], lag: int) -> list[float]:
@@ -3272,8 +3366,14 @@ def stop_starting_up(signum: int, frame: Any) -> None:
 def run(config: Config, display: Display) -> None:
     tools = Toolbox(config, sys.stdin.isatty(), display)
     try:
+        memory = RoomMemory(config.plumbing)
         recorder = start_recorder(config.plumbing)
-        player = Player(config.plumbing, EchoGuard() if config.duplex == "auto" else None)
+        try:
+            player = Player(config.plumbing, EchoGuard(memory.recall())
+                            if config.duplex == "auto" else None)
+        except BaseException:
+            recorder.kill(signal.SIGTERM)  # a player that cannot start leaves no recorder behind
+            raise
         conversation = Conversation(config, recorder, player, display, tools)
         try:
             conversation.link.open(time.monotonic())  # the loop takes each step of the opening
@@ -3285,6 +3385,8 @@ def run(config: Config, display: Display) -> None:
             conversation.recorder.kill(signal.SIGTERM)
             conversation.player.sox.kill(signal.SIGKILL)
             conversation.link.close()
+            if player.echo is not None:
+                memory.keep(player.echo)
     finally:
         tools.close()  # no MCP server outlives the script
 

@@ -1,27 +1,45 @@
-"""The echo guard (--duplex auto) beside full and half duplex, in the same rooms, in one run.
+"""The echo guard (--duplex auto) beside full and half duplex, a WebRTC echo canceller and an energy
+gate, over a randomised matrix of rooms, voices, levels and moments, in one run.
 
-    .venv/bin/python bench/echo.py              (about 35 minutes; needs ../shared/pulse-rig.sh up,
-                                                 and nothing else playing on it)
-    .venv/bin/python bench/echo.py --minutes 1  (a quicker look: 1 minute of speech per row)
-    .venv/bin/python bench/echo.py --cpu        (only the CPU of the three modes; 4 minutes)
+    .venv/bin/python bench/echo.py                     (60 trials a mode, 5 modes: about 90 min;
+                                                        needs ../shared/pulse-rig.sh up, flite,
+                                                        and nothing else playing on the rig)
+    .venv/bin/python bench/echo.py --trials 12 --modes auto,gate   (a quicker look)
+    .venv/bin/python bench/echo.py --seed 7            (another matrix; the seed is printed)
+    .venv/bin/python bench/echo.py --cpu               (only the CPU of each mode; 4 minutes)
 
-Each room (tests/room.py) is a laptop's speaker-to-microphone path on the real PulseAudio rig; the
-real script and the real sox run against the fake API, whose VAD hears what the script appends.
-For each room and mode:
-- the assistant speaks for minutes with the person silent: the turns the server's VAD started
-  (each would be a billed response answering the assistant's own voice), the script's own stops
-  (false ones: nobody spoke), and the CPU of the whole script;
-- then the person speaks over the assistant, in `--trials` trials at different moments: whether
-  it stopped, how soon after the first word the sound stopped and the server's speech_started
-  came, how much of the first word the server never got, and whether the answer came.
-Prints one Markdown table for the README.
+Each trial is a conversation in its natural order, on the real PulseAudio rig with the real sox,
+the real script and the fake API (whose VAD hears what the script appends): most start with the
+person's question and the reply follows it half a second later; some start with the assistant's
+greeting. The person talks over the first reply 1, 2.5, 4.5 or 8 s into it, or into the second
+reply; a quarter of the trials follow a run in the same room, so that the room is remembered
+(onsets from 0.5 s). Drawn per trial, from the seed: the room (tests/room.py: echo -24 to -6 dB,
+delay 5 to 60 ms, RT60 150 to 900 ms, noise -60 or -45 dBFS), the voices (espeak-ng and flite,
+male and female both ways) and the person's level (-26 to -14 dBFS). A few long runs with the
+person silent add minutes of the assistant's speech. Every mode gets the same trials:
+
+- auto: the echo guard; full and half: --duplex full and half;
+- webrtc: --duplex full behind PulseAudio's module-echo-cancel (aec_method=webrtc), a real
+  echo canceller fed the same played audio and microphone;
+- gate: --duplex full behind the openai-agents demo's energy gate, applied in the room: while the
+  assistant plays, the microphone passes only when its RMS >= max(0.015, 0.6 x the playback's
+  smoothed RMS + 0.002), and then the playback is stopped (Enter, as the demo stops its player).
+
+Prints the seed, then Markdown tables for the README: per mode, the turns the assistant's own
+voice started and the false stops (per 10 minutes of its speech with the person silent), and for
+the person talking over it, how often and how soon the sound stopped, how soon the server's
+speech_started came, how much of the first word was lost, whether the answer came; then the same
+by kind of room, where each mode wins and loses.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import random
 import statistics
 import sys
+import tempfile
 from pathlib import Path as FilePath
 
 ROOT = FilePath(__file__).resolve().parent.parent
@@ -30,72 +48,138 @@ import echo_trial  # noqa: E402
 from real_audio import why_no_real_audio  # noqa: E402
 from room import Path  # noqa: E402
 
-ROOMS = [("-12 dB, RT60 300 ms", Path(gain_db=-12), 5.0),
-         ("-20 dB, RT60 300 ms", Path(gain_db=-20), 5.0),
-         ("-6 dB, RT60 300 ms", Path(gain_db=-6), 2.0),
-         ("-12 dB, RT60 900 ms", Path(gain_db=-12, rt60_ms=900), 2.0)]
-MODES = ("auto", "full", "half")
-REPLY_SECONDS = 33.6  # the trial's long reply
+MODES = ("auto", "full", "half", "webrtc", "gate")
+# (assistant, person): male and female both ways, from two synthesisers.
+PAIRS = [("en-gb", "flite:slt"), ("flite:slt", "en-us"), ("en-us+f3", "flite:kal"),
+         ("flite:rms", "en-us+f2")]
 
 
-def silent_person(mode: str, path: Path, minutes: float) -> echo_trial.Result:
-    return echo_trial.run(mode, path, replies=max(1, round(minutes * 60 / REPLY_SECONDS)))
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    number: int
+    path: Path
+    pair: tuple[str, str]
+    person_dbfs: float
+    question: bool  # the person asks first (else the assistant greets first)
+    onset: float | None  # s into the reply the person talks over it; None: silent throughout
+    replies: int  # the person talks over the last of them
+    remembered: bool  # a run in the same room comes first: the room is remembered
+    seconds: float  # of each reply
+
+    @property
+    def room(self) -> str:
+        loud = "-12 to -6 dB" if self.path.gain_db > -12 else (
+            "-18 to -12 dB" if self.path.gain_db > -18 else "-24 to -18 dB")
+        return loud + (", RT60 > 600 ms" if self.path.rt60_ms > 600 else "")
 
 
-def barge_ins(mode: str, path: Path, trials: int) -> list[echo_trial.Result]:
-    """The person speaks at a different moment of the reply each time (5.5 s to 11 s in)."""
-    return [echo_trial.run(mode, path, person_at=5.5 + 5.5 * n / max(trials - 1, 1), seconds=14)
-            for n in range(trials)]
+def matrix(seed: int, trials: int, silent_runs: int) -> list[Trial]:
+    rng = random.Random(seed)
+    found = []
+    for number in range(trials + silent_runs):
+        path = Path(gain_db=round(rng.uniform(-24, -6), 1), delay_ms=round(rng.uniform(5, 60)),
+                    rt60_ms=round(rng.uniform(150, 900)), noise_dbfs=rng.choice([-60.0, -45.0]))
+        remembered = number < trials and rng.random() < 0.25
+        onset = rng.choice([0.5, 1.0, 2.5] if remembered else [1.0, 2.5, 4.5, 8.0])
+        replies = 2 if number < trials and not remembered and rng.random() < 0.25 else 1
+        found.append(Trial(
+            number, path, rng.choice(PAIRS), round(rng.uniform(-26, -14), 1),
+            rng.random() < 0.75, onset if number < trials else None, replies, remembered,
+            12.0 if number < trials else 30.0))
+    return found
 
 
-def spread(values: list[float | None], unit: str = " ms") -> str:
+def run(mode: str, trial: Trial) -> echo_trial.Result:
+    work = FilePath(tempfile.mkdtemp(prefix=f"echo-{mode}-"))
+    duplex = mode if mode in ("auto", "full", "half") else "full"
+    anchor = None if duplex == mode else mode
+    if trial.remembered:  # the run before, in the same room: only its memory counts
+        echo_trial.run(duplex, trial.path, seconds=4, question=trial.question, cache=work / "cache",
+                       work=work / "before", pair=trial.pair, anchor=anchor)
+    seconds = max(trial.seconds, (trial.onset or 0) + 4)
+    return echo_trial.run(duplex, trial.path, replies=trial.replies, person_at=trial.onset,
+                          seconds=seconds, question=trial.question, cache=work / "cache",
+                          work=work / "trial", person_dbfs=trial.person_dbfs, pair=trial.pair,
+                          anchor=anchor)
+
+
+def share(found: list[bool]) -> str:
+    return f"{sum(found)} of {len(found)}" if found else "–"
+
+
+def median(values: list[float | None], unit: str = " ms") -> str:
     known = [value for value in values if value is not None]
-    if not known:
-        return "–"
-    return f"{statistics.median(known):.0f} / {max(known):.0f}{unit}"
+    return f"{statistics.median(known):.0f}{unit}" if known else "–"
+
+
+def rows(label: str, mode: str, results: list[tuple[Trial, echo_trial.Result]]) -> str:
+    minutes = sum(result.assistant_seconds for _, result in results) / 60
+    triggered = sum(result.self_triggered for _, result in results)
+    silent_stops = sum(result.local_stops for trial, result in results if trial.onset is None)
+    # Before the onset, a stop is false too: the person had not spoken yet.
+    early = sum(1 for trial, result in results if trial.onset is not None
+                and result.stop_ms is not None and result.stop_ms < -50)
+    talked = [(trial, result) for trial, result in results if trial.onset is not None]
+    stops = [result.stop_ms for _, result in talked]
+    per_ten = (silent_stops + early) * 10 / minutes if minutes else float("nan")
+    return (f"| {label} | {mode} | {minutes:.1f} min | {triggered} | {silent_stops + early} "
+            f"({per_ten:.1f} per 10 min) "
+            f"| {share([s is not None and 0 <= s <= 300 for s in stops])} | {median(stops)} "
+            f"| {share([r.speech_started_ms is not None and r.speech_started_ms <= 600 for _, r in talked])} "
+            f"| {share([r.onset_missing_ms is not None and r.onset_missing_ms <= 100 for _, r in talked])} "
+            f"| {share([r.answered for _, r in talked])} "
+            f"| {median([r.cpu_percent for _, r in results], ' %')} |")
+
+
+HEADER = ("| trials | mode | assistant speech, person silent | turns its own voice started "
+          "| false stops | sound stopped within 300 ms of the first word | median stop "
+          "| speech_started within 600 ms | first word lost ≤ 100 ms | answered | CPU |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="minutes of assistant speech per row (default: 5 for the -12 and -20 "
-                             "dB rooms with auto, 2 for the others, 1 for full and half)")
+    parser.add_argument("--trials", type=int, default=60, help="trials with the person talking")
+    parser.add_argument("--silent-runs", type=int, default=4,
+                        help="30 s runs with the person silent, added to the matrix")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--cpu", action="store_true",
-                        help="only the script's CPU in the -12 dB room, each mode for 1 minute")
-    parser.add_argument("--trials", type=int, default=6,
-                        help="barge-in trials per room for auto (half as many for full and half)")
+                        help="only the CPU of each mode, 1 minute of the assistant in a -12 dB room")
     args = parser.parse_args()
     reason = why_no_real_audio()
     if reason:
         print(f"bench/echo.py needs real audio: {reason}", file=sys.stderr)
         return 1
+    modes = args.modes.split(",")
     if args.cpu:
         print("| --duplex | CPU of the whole script, 1 minute of the assistant talking in the "
               "-12 dB room |\n|---|---|")
-        for mode in MODES:
-            print(f"| {mode} | {silent_person(mode, ROOMS[0][1], 1.0).cpu_percent:.2f} % of a "
-                  "core |", flush=True)
+        for mode in modes:
+            result = echo_trial.run(mode, Path(gain_db=-12), replies=2)
+            print(f"| {mode} | {result.cpu_percent:.2f} % of a core |", flush=True)
         return 0
-    print("| room | --duplex | assistant speech, person silent | turns it triggered itself | "
-          "false stops | person heard over it | sound stopped after the first word "
-          "(median / max) | server's speech_started (median / max) | first word missing (max) "
-          "| answered | CPU, whole script |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, path, auto_minutes in ROOMS:
-        for mode in MODES:
-            minutes = args.minutes or (auto_minutes if mode == "auto" else 1.0)
-            quiet = silent_person(mode, path, minutes)
-            tries = barge_ins(mode, path, args.trials if mode == "auto" else max(args.trials // 2, 1))
-            heard = sum(1 for trial in tries if trial.local_stops or (
-                trial.speech_started_ms is not None and trial.speech_started_ms < 1500))
-            missing = [trial.onset_missing_ms for trial in tries]
-            print(f"| {label} | {mode} | {quiet.assistant_seconds / 60:.1f} min | "
-                  f"{quiet.self_triggered} | {quiet.local_stops if mode == 'auto' else '–'} | "
-                  f"{heard} of {len(tries)} | {spread([t.stop_ms for t in tries])} | "
-                  f"{spread([t.speech_started_ms for t in tries])} | "
-                  f"{max((m for m in missing if m is not None), default=float('nan')):.0f} ms | "
-                  f"{sum(t.answered for t in tries)} of {len(tries)} | "
-                  f"{quiet.cpu_percent:.1f} % |", flush=True)
+    trials = matrix(args.seed, args.trials, args.silent_runs)
+    print(f"seed {args.seed}: {args.trials} trials with the person talking, {args.silent_runs} "
+          "with the person silent", flush=True)
+    for trial in trials:
+        print(f"  {trial}", file=sys.stderr, flush=True)
+    results = {mode: [(trial, run(mode, trial)) for trial in trials] for mode in modes}
+    print(HEADER)
+    for mode in modes:
+        print(rows(f"all {len(trials)}", mode, results[mode]), flush=True)
+    print("\nBy kind of room:\n")
+    print(HEADER.replace("| trials |", "| room |"))
+    for room in sorted({trial.room for trial in trials}):
+        for mode in modes:
+            print(rows(room, mode, [(t, r) for t, r in results[mode] if t.room == room]))
+    print("\nBy moment (the person talking over the reply):\n")
+    print(HEADER.replace("| trials |", "| onset |"))
+    for onset in sorted({t.onset for t in trials if t.onset is not None}):
+        for mode in modes:
+            chosen = [(t, r) for t, r in results[mode] if t.onset == onset]
+            label = f"{onset:g} s" + (" (remembered rooms)" if onset < 1 else "")
+            print(rows(label, mode, chosen))
     return 0
 
 

@@ -125,6 +125,7 @@ def burst(script_path: Path) -> tuple[float, float]:
 
     async def script(session: Session) -> None:
         await session.handshake()
+        await session.send("response.created", response={"id": "r"})
         await go.wait()
         ids = '"response_id": "r", "item_id": "item_f", "output_index": 0, "content_index": 0'
         session.ws.transport.write(b"".join(frame(0x1, (
@@ -146,10 +147,10 @@ def burst(script_path: Path) -> tuple[float, float]:
     deadline = time.monotonic() + 70
     while not took and time.monotonic() < deadline:
         time.sleep(0.05)
-    cpu = cpu_seconds(run.process.pid) - cpu
+    cpu = cpu_seconds(run.process.pid) - cpu if run.process.poll() is None else float("nan")
     run.interrupt()
     server.stop()
-    return (took or [float("inf")])[0], cpu * 1000
+    return (took or [float("inf")])[0], cpu * 1000  # NaN CPU: the script had ended
 
 
 def checkout(rev: str) -> Path:

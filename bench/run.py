@@ -39,7 +39,7 @@ def environment(work: Path, extra: dict[str, str], real_sox: bool = False
     (bin_dir / "sox").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REALTIME_"))}
     env.update(PATH=env["PATH"] if real_sox else f"{bin_dir}{os.pathsep}{env['PATH']}",
-               FAKE_SOX_DIR=str(log_dir),
+               FAKE_SOX_DIR=str(log_dir), XDG_CACHE_HOME=str(work / "cache"),
                OPENAI_API_KEY=API_KEY, **extra)
     return env, SoxLog(log_dir)
 

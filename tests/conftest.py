@@ -151,7 +151,7 @@ def base_env(tmp_path: Path, sox_log: SoxLog) -> dict[str, str]:
     # A dead loopback port unless a test names its fake server: no test may reach a real API.
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", FAKE_SOX_DIR=str(sox_log.dir),
                OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL="http://127.0.0.1:9/v1",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", XDG_CACHE_HOME=str(tmp_path / "cache"))  # rooms remembered
     return env
 
 

@@ -45,6 +45,7 @@ ASSISTANT = ("Here is the whole story, as you asked. The lighthouse keeper climb
              "of the winter storm when he kept the light burning for three days without sleep.")
 PERSON = "Wait, what's the weather?"
 ANSWER = "Sure, the weather is sunny today."
+QUESTION = "Tell me the story of the lighthouse keeper, please."  # about 3 s
 
 
 @dataclasses.dataclass
@@ -56,23 +57,37 @@ class Result:
     speech_started_ms: float | None = None
     onset_missing_ms: float | None = None
     answered: bool = False
+    question_heard: bool = False  # the person spoke first, and the server's VAD heard it
     assistant_seconds: float = 0.0  # of the assistant's speech the room heard
     cpu_percent: float = 0.0  # of one core, the whole script, once connected
     log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def voices(work: FilePath) -> tuple[bytes, bytes, bytes]:
-    return (speech(ASSISTANT, work / "assistant.raw", "en-gb"),
-            speech(PERSON, work / "person.raw", "en-us"),
-            speech(ANSWER, work / "answer.raw", "en-gb"))
+def voices(work: FilePath, pair: tuple[str, str] = ("en-gb", "en-us")
+           ) -> tuple[bytes, bytes, bytes]:
+    """The assistant's reply, the person's words over it, and the answer to them."""
+    assistant, person = pair
+    return (speech(ASSISTANT, work / "assistant.raw", assistant),
+            speech(PERSON, work / "person.raw", person),
+            speech(ANSWER, work / "answer.raw", assistant))
 
 
 def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = None,
-        seconds: float | None = None, work: FilePath | None = None) -> Result:
+        seconds: float | None = None, work: FilePath | None = None, question: bool = False,
+        cache: FilePath | None = None, person_dbfs: float | None = None,
+        pair: tuple[str, str] = ("en-gb", "en-us")) -> Result:
     """`replies` long replies back to back (each cut to `seconds`); the person speaks `person_at`
-    s into the last one."""
+    s into the last one. With `question`, the conversation starts in its natural order: the
+    person asks first, and the first reply answers them; without, the assistant greets first.
+    `cache` is the script's XDG_CACHE_HOME (where it remembers the room); `person_dbfs` the
+    level of the person's voice at the microphone; `pair` the assistant's and the person's
+    voices (see real_audio.speech)."""
     work = work or FilePath(tempfile.mkdtemp(prefix="echo-"))
-    assistant, person, answer = voices(work)
+    work.mkdir(parents=True, exist_ok=True)
+    assistant, person, answer = voices(work, pair)
+    asked = speech(QUESTION, work / "question.raw", pair[1]) if question else b""
+    if person_dbfs is not None:
+        person, asked = at_level(person, person_dbfs), at_level(asked, person_dbfs)
     if seconds is not None:
         assistant = assistant[:int(seconds * 48_000) // 2 * 2]
     reply_seconds = len(assistant) / 48_000
@@ -86,6 +101,10 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
     async def talk(session: Session) -> None:
         await session.handshake()
         await asyncio.sleep(0.5)  # the microphone is awake
+        if question:
+            moments["ask"] = time.monotonic()
+            await asyncio.wait_for(session.turns.get(), 15)  # the question, as the VAD heard it
+            moments["asked"] = time.monotonic()
         for _ in range(replies):
             moments["last reply"] = time.monotonic()
             await session.reply(assistant, ASSISTANT, speed=10)
@@ -104,17 +123,20 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
     server = FakeRealtime(script, vad=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REALTIME_"))}
     env.update(OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=server.url, PULSE_SOURCE=MIC_SOURCE,
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", XDG_CACHE_HOME=str(cache or work / "cache"))
     log = work / "log.jsonl"
-    started = time.monotonic()
     client = Client(work, server, ["--duplex", duplex, "--log", str(log)], env)
     result = Result()
     try:
         client.wait_for("connected", timeout=15)
         cpu_from, cpu_since = cpu_seconds(client.process.pid), time.monotonic()
-        deadline = started + 1.5 + replies * (reply_seconds + 0.5)
+        if question:
+            while "ask" not in moments:
+                time.sleep(0.01)
+            room.say(asked)
         while "last reply" not in moments:
-            time.sleep(0.05)
+            time.sleep(0.01)
+        deadline = moments["last reply"] + reply_seconds + 0.5
         if person_at is not None:
             while time.monotonic() < moments["last reply"] + person_at:
                 time.sleep(0.01)
@@ -134,9 +156,12 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
         room.close()
         server.stop()
     assert not server.problems, server.problems
-    said = room.said[0] if room.said else None
+    said = room.said[-1] if room.said and person_at is not None else None
     silent_until = said if said is not None else time.monotonic()
-    result.self_triggered = len([t for t in server.speech_started if t < silent_until])
+    silent_from = moments.get("asked", 0.0)  # the question's own turn is the person's
+    result.question_heard = question and "asked" in moments
+    result.self_triggered = len([t for t in server.speech_started
+                                 if silent_from < t < silent_until])
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     result.local_stops = len([r for r in records if r.get("event") == "barge-in"])
     loud = [at for at, level in room.speaker if level > 0.01]
@@ -152,6 +177,17 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
         result.answered = ANSWER in client.stdout
     result.log = [r for r in records if r.get("event") in ("barge-in", "truncated")]
     return result
+
+
+def at_level(pcm: bytes, dbfs: float) -> bytes:
+    """The voice scaled so that its speech (the 20 ms blocks above -50 dBFS) is at `dbfs` RMS."""
+    voice = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    blocks = voice[:len(voice) // 480 * 480].reshape(-1, 480)
+    levels = np.sqrt(np.mean((blocks / 32768) ** 2, axis=1))
+    speaking = blocks[levels > 10 ** (-50 / 20)]
+    now = np.sqrt(np.mean((speaking / 32768) ** 2)) if len(speaking) else 1.0
+    scaled = voice * 10 ** (dbfs / 20) / now
+    return np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
 
 
 def onset_missing_ms(server: FakeRealtime, person: bytes) -> float | None:
@@ -177,8 +213,9 @@ def onset_missing_ms(server: FakeRealtime, person: bytes) -> float | None:
     return max(start - onset, 0) / 24.0
 
 
-if __name__ == "__main__":  # a quick look: python tests/echo_trial.py auto -12 [person_at]
+if __name__ == "__main__":  # a quick look: python tests/echo_trial.py auto -12 [person_at] [q]
     mode, gain = sys.argv[1], float(sys.argv[2])
-    at = float(sys.argv[3]) if len(sys.argv) > 3 else None
-    outcome: Any = run(mode, Path(gain_db=gain), person_at=at)
+    at = float(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "-" else None
+    outcome: Any = run(mode, Path(gain_db=gain), person_at=at, question="q" in sys.argv[4:],
+                       seconds=float(os.environ.get("SECONDS_", "12")))
     print(json.dumps(dataclasses.asdict(outcome), indent=1))

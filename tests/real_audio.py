@@ -35,11 +35,18 @@ def why_no_real_audio() -> str | None:
 
 
 def speech(text: str, path: Path, voice: str = "en-us") -> bytes:
-    """espeak-ng speech as 24 kHz raw PCM, the same bytes every run (`sox -R`)."""
-    espeak = subprocess.run(["espeak-ng", "-v", voice, "-s", "160", "--stdout", text],
-                            capture_output=True, check=True)
+    """Synthesised speech as 24 kHz raw PCM, the same bytes every run (`sox -R`): an espeak-ng
+    voice ("en-gb", "en-us+f3"), or a flite one ("flite:slt", "flite:kal"): two synthesisers,
+    so that no one kind of voice is what the echo guard is tuned on."""
+    if voice.startswith("flite:"):
+        wav = path.with_suffix(".wav")
+        subprocess.run(["flite", "-voice", voice[6:], "-t", text, "-o", str(wav)], check=True)
+        spoken = wav.read_bytes()
+    else:
+        spoken = subprocess.run(["espeak-ng", "-v", voice, "-s", "160", "--stdout", text],
+                                capture_output=True, check=True).stdout
     subprocess.run(["sox", "-R", "-t", "wav", "-", *PCM[2:], "--type", "raw", str(path)],
-                   input=espeak.stdout, check=True)
+                   input=spoken, check=True)
     return path.read_bytes()
 
 

@@ -21,7 +21,7 @@ needs_real_audio = pytest.mark.skipif(REAL is not None, reason=f"needs real audi
 
 def test_check_audio_with_a_working_microphone(run_client, sox_log, tmp_path):
     (tmp_path / "mic.raw").write_bytes(noise(4.0, seed=2, level=6000))
-    client = run_client(None, "--check-audio", env={"OPENAI_API_KEY": None,
+    client = run_client(None, "--check-audio", env={"OPENAI_API_KEY": None, "FAKE_SOX_SPEED": "10",
                                                     "FAKE_SOX_MIC": str(tmp_path / "mic.raw")})
     assert client.finish(30) == 0, client.stderr
     assert "microphone level -" in client.stdout and "good; playing it back" in client.stdout

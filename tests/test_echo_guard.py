@@ -1,12 +1,16 @@
 """--duplex auto, the echo guard, in a room where the speaker leaks into the microphone the way a
 laptop's does (tests/room.py): the real script and the real sox, the fake API with a VAD.
 
-The long runs (5 minutes of assistant speech per room, false stops per 10 minutes, CPU, and full
-and half duplex in the same rooms) are in bench/echo.py; these are the short ones CI runs.
+Conversations in their natural order: the person asks first, the reply follows, and the person
+talks over it. The long runs (a randomised matrix of rooms, voices, levels and moments; minutes
+of assistant speech; full and half duplex in the same rooms) are in bench/echo.py; these are the
+short ones CI runs.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import echo_trial
@@ -22,32 +26,46 @@ pytestmark = [
 ]
 
 
-def test_the_guard_holds_the_assistant_back_and_hears_the_person(tmp_path):
-    result = echo_trial.run("auto", Path(gain_db=-12), person_at=5.0, seconds=9, work=tmp_path)
-    print(result)
-    assert result.assistant_seconds > 3.5  # of the assistant's voice, with the person silent...
-    assert result.self_triggered == 0  # ...and the server heard none of it
+def assert_interrupted_in_time(result, stop_ms=500):
+    assert result.question_heard  # the person spoke first, and the server heard them
+    assert result.self_triggered == 0  # the server heard none of the assistant's own voice
     assert result.local_stops == 1
     # The goal is 300 ms; it is met unless the first word falls on a loud syllable of the
     # assistant, which no loudness can tell apart (bench/echo.py times many onsets). This bound
     # catches a guard that got slower.
-    assert result.stop_ms is not None and result.stop_ms <= 500
+    assert result.stop_ms is not None and result.stop_ms <= stop_ms
     assert result.speech_started_ms is not None and result.speech_started_ms <= 600
     assert result.onset_missing_ms is not None and result.onset_missing_ms <= 100
     assert result.answered
 
 
-def test_a_quieter_echo_is_held_back_too(tmp_path):
-    """-20 dB: the server hears none of the assistant (bench/echo.py: the person, and minutes)."""
-    result = echo_trial.run("auto", Path(gain_db=-20), seconds=6, work=tmp_path)
+def test_the_person_asks_talks_over_the_first_reply_and_the_next_run_remembers_the_room(
+        tmp_path):
+    """The natural order: the question first (whose sound the guard must not learn the room
+    from), the reply half a second after it, the person talking over it 2.5 s in. The next run
+    remembers the room (a file in XDG_CACHE_HOME), so its first reply can be talked over 1 s in."""
+    cache = tmp_path / "cache"
+    first = echo_trial.run("auto", Path(gain_db=-12), question=True, person_at=2.5, seconds=5,
+                           cache=cache, work=tmp_path / "first")
+    print(first)
+    assert_interrupted_in_time(first)
+    rooms = json.loads((cache / "realtime-sox" / "rooms.json").read_text())
+    assert -15 < 10 * math.log10(rooms["default → default"]["direct"]) < -9
+    second = echo_trial.run("auto", Path(gain_db=-12), question=True, person_at=1.0, seconds=4,
+                            cache=cache, work=tmp_path / "second")
+    print(second)
+    assert_interrupted_in_time(second)
+
+
+def test_a_quieter_echo_the_person_asks_then_talks_over_the_first_reply(tmp_path):
+    result = echo_trial.run("auto", Path(gain_db=-20), question=True, person_at=2.5, seconds=5,
+                            work=tmp_path)
     print(result)
-    assert result.assistant_seconds > 4.5
-    assert result.self_triggered == 0
-    assert result.local_stops == 0
+    assert_interrupted_in_time(result)
 
 
 def test_with_headphones_auto_sends_everything_as_full_duplex_does(tmp_path):
-    result = echo_trial.run("auto", Path(echo=False), person_at=5.0, seconds=8, work=tmp_path)
+    result = echo_trial.run("auto", Path(echo=False), person_at=2.5, seconds=5, work=tmp_path)
     print(result)
     assert result.self_triggered == 0
     assert result.local_stops == 0  # nothing to guard against: the server's VAD hears the person

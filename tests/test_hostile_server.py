@@ -238,7 +238,7 @@ def test_a_clock_that_is_off_makes_no_storm_of_sessions(serve, run_client, clock
         server.clock_offset = -3600.0
     client = run_client(server)
     client.wait_for("connected")
-    time.sleep(2)
+    time.sleep(1)  # a storm would have opened hundreds of sessions by now
     client.type("are you there")
     client.wait_for("assistant: Still the first session.")
     assert client.stop() == 0
@@ -258,11 +258,11 @@ def test_a_server_that_ends_each_session_at_once_is_retried_with_backoff(serve, 
 
     server = serve(script)
     client = run_client(server)
-    client.wait_for("a minute or less after it started; starting a new session in", count=3,
+    client.wait_for("a minute or less after it started; starting a new session in", count=2,
                     timeout=20)
     assert client.stop() == 0
-    # One new session at once, then the backoff: 0.25-0.5, 0.5-1, 1-2 s …
-    assert len(server.sessions_received) <= 6
+    # One new session at once, then the backoff: 0.25-0.5 s, 0.5-1 s, …
+    assert len(server.sessions_received) <= 4
 
 
 def test_audio_split_at_odd_bytes_or_sent_twice_plays_each_sample_once(serve, run_client,
