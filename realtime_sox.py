@@ -813,9 +813,10 @@ ECHO_MAX_DELAY = 50  # bins: the longest speaker-to-microphone delay it looks fo
 ECHO_WINDOW = 400  # bins (4 s) it learns from, relearning every ECHO_RELEARN bins
 ECHO_RELEARN = 100
 ECHO_FIRST_RELEARN = 20  # ...and this often until it has learned the room from this run
-ECHO_LEARN_FROM = 60  # bins of the assistant's sound it needs before it trusts what it learned
+ECHO_LEARN_FROM = 50  # bins of the assistant's sound it needs before it trusts what it learned
 ECHO_TAIL = 1.0  # s after the assistant's sound in which the microphone may still hear it
 ECHO_DECAYS = (100, 200, 300, 450, 650, 900)  # ms: the room tails (RT60) it tries
+ECHO_SLOWEST = 10 ** (-6 * ECHO_BIN * 1000 / 900)  # a bin's fall in the longest-ringing room
 ECHO_MARGIN = 10 ** 0.45  # power: the person is 4.5 dB above the (calibrated) echo...
 ECHO_FRAMES = 3  # ...in this many 20 ms frames in a row (one fewer at 12 dB above)
 ECHO_ABOVE_NOISE = 10.0  # ...and 10 dB above the room's noise
@@ -927,6 +928,7 @@ class EchoGuard:
         self.fits: list[float] = []  # a remembered path: this run's echo against it, per frame
         self.no_echo = False
         self.direct = self.room = 0.0  # the delayed reference now, and its tail in the room
+        self.ring = 0.0  # the echo the microphone heard, fading as slowly as any room rings
         self.loud_frames = self.very_loud = 0
         self.bins_heard = 0
         self.person = False  # speaking over the assistant, until the next reply plays
@@ -977,7 +979,8 @@ class EchoGuard:
         powers = [frame_power(frame[start:start + size]) for start in range(0, len(frame), size)]
         first = round(captured / ECHO_BIN)
         heard = sum(powers)
-        expected = sum(self._expected(first + n) for n in range(len(powers)))
+        expectations = [self._expected(first + n) for n in range(len(powers))]
+        expected = sum(expectations)
         # Louder than the echo may be the person: the echo is not learned from it. Nor from what
         # the microphone hears before the assistant's sound, or long after: the person's question.
         suspect = self.person or (self.path is not None and heard > ECHO_MARGIN * expected)
@@ -989,7 +992,13 @@ class EchoGuard:
                 self._track_noise()
             if self.bins_heard % (ECHO_RELEARN if self.learned else ECHO_FIRST_RELEARN) == 0:
                 self._learn()
-        return self._verdict(heard, expected, len(powers) * self.noise, captured)
+        # However the path was learned, the echo heard a moment ago (as much of it as the path
+        # explains) still rings at least as in the longest-ringing room: a pause is not the person.
+        ringing = sum(self.ring * ECHO_SLOWEST ** (n + 1) for n in range(len(powers)))
+        verdict = self._verdict(heard, expected, ringing, len(powers) * self.noise, captured)
+        for power, most in zip(powers, expectations, strict=True):
+            self.ring = max(self.ring * ECHO_SLOWEST, min(power, most))
+        return verdict
 
     def _expected(self, key: int) -> float:
         """The echo this bin should carry, at its loudest (slack of 10 ms later and 20 ms sooner:
@@ -1001,7 +1010,8 @@ class EchoGuard:
         self.direct = max(self.reference.get(at + shift, 0.0) for shift in (-1, 0, 1, 2))
         return self.noise + path.margin * (path.direct * self.direct + path.tail * self.room)
 
-    def _verdict(self, heard: float, expected: float, noise: float, captured: float) -> str:
+    def _verdict(self, heard: float, expected: float, ringing: float, noise: float,
+                 captured: float) -> str:
         audible = captured < self.audible_until + 0.5  # 0.5 s: the longest delay and tail
         if self.person or self.no_echo or not audible:
             self.loud_frames = 0
@@ -1010,7 +1020,8 @@ class EchoGuard:
             return self.HOLD
         if not self.learned and not self._fits_remembered(heard, expected, noise):
             return self.HOLD
-        loud = heard > ECHO_MARGIN * expected and heard > ECHO_ABOVE_NOISE * noise
+        loud = heard > ECHO_MARGIN * expected and heard > ECHO_ABOVE_NOISE * noise and \
+            heard > ringing
         self.loud_frames = self.loud_frames + 1 if loud else 0
         self.very_loud = self.very_loud + 1 if heard > ECHO_MARGIN ** 2 * expected else 0
         if self.loud_frames < ECHO_FRAMES and (not loud or self.very_loud < ECHO_FRAMES - 1):
@@ -1052,9 +1063,23 @@ class EchoGuard:
     def _learn(self) -> None:
         """From the last 4 s: the delay that best lines up the envelopes, then the gain and decay
         that best predict what the microphone heard while only the assistant spoke."""
-        heard = self._echo_only()
-        if len(heard) < ECHO_LEARN_FROM + 20:
+        path = self._fit_window()
+        if path is None:
             return
+        self.no_echo = False
+        old = self.path if self.learned else None  # a remembered room gives way at once
+        if old is not None and path.margin * path.direct < old.margin * old.direct:
+            path = dataclasses.replace(path, margin=(path.margin + old.margin) / 2)  # slowly
+        first, self.path, self.learned = not self.learned, path, True
+        if self._settle() and first:  # the person spoke before there was a path: without them
+            path = self._fit_window() or path
+            self.path = path
+            self._settle()
+
+    def _fit_window(self) -> EchoPath | None:
+        heard = self._echo_only()
+        if len(heard) < ECHO_LEARN_FROM + 10:
+            return None
         first, last = heard[0][0], heard[-1][0]
         self.reference = {key: power for key, power in self.reference.items()
                           if key > first - ECHO_MAX_DELAY - 100}
@@ -1062,7 +1087,7 @@ class EchoGuard:
                                                                  last + 3)]
         sounding = sum(1 for power in played if power > 1e-7)
         if sounding < ECHO_LEARN_FROM:
-            return  # too little of the assistant to learn from
+            return None  # too little of the assistant to learn from
         keys = [key - first + ECHO_MAX_DELAY + 2 for key, _ in heard]
         mic = [math.sqrt(power) for _, power in heard]
         envelope = [math.sqrt(power) for power in played]
@@ -1082,24 +1107,35 @@ class EchoGuard:
         if match < 0.5:
             if path.margin == math.inf or (path.direct + path.tail) * max(played) < self.noise:
                 self.no_echo = True  # the speaker does not reach the microphone
-            return
-        if path.margin == math.inf:  # nothing above the room's noise to fit yet
-            return
-        self.no_echo = False
-        old = self.path if self.learned else None  # a remembered room gives way at once
-        if old is not None and path.margin * path.direct < old.margin * old.direct:
-            path = dataclasses.replace(path, margin=(path.margin + old.margin) / 2)  # slowly
-        self.path, self.learned = path, True
-        self._settle(self.heard[-1][0])
+            return None
+        return None if path.margin == math.inf else path  # inf: nothing above the noise yet
 
-    def _settle(self, key: int) -> None:
-        """The room's tail as the new path has it at bin `key`: begun from zero, it would take
-        a whole RT60 to grow, and meanwhile the echo would read as the person."""
-        assert self.path is not None
-        self.room = self.direct = 0.0
-        for at in range(key - 150 - self.path.delay, key - self.path.delay + 1):
-            self.room = self.room * self.path.decay + self.direct
-            self.direct = max(self.reference.get(at + shift, 0.0) for shift in (-1, 0, 1, 2))
+    def _settle(self) -> int:
+        """The window heard again under the new path: the room's tail as it stands now (begun
+        from zero, it would take a whole RT60 to grow, and meanwhile the echo would read as the
+        person), the ring of the echo heard, and the bins louder than the path can explain,
+        which are kept out of the learning from now on (before the first path, none were).
+        Returns how many such bins it found that were not kept out yet."""
+        path = self.path
+        assert path is not None and self.heard
+        room = direct = ring = 0.0
+        for at in range(self.heard[0][0] - 150 - path.delay, self.heard[0][0] - path.delay):
+            room = room * path.decay + direct
+            direct = max(self.reference.get(at + shift, 0.0) for shift in (-1, 0, 1, 2))
+        found, bins = 0, list(self.heard)
+        for index, (key, power, suspect, may_echo) in enumerate(bins):
+            room = room * path.decay + direct
+            direct = max(self.reference.get(key - path.delay + shift, 0.0)
+                         for shift in (-1, 0, 1, 2))
+            expected = self.noise + path.margin * (path.direct * direct + path.tail * room)
+            louder = power > ECHO_MARGIN * max(expected, ring * ECHO_SLOWEST) and \
+                power > ECHO_ABOVE_NOISE * self.noise
+            if louder and not suspect:
+                bins[index], found = (key, power, True, may_echo), found + 1
+            ring = max(ring * ECHO_SLOWEST, min(power, expected))
+        self.heard = collections.deque(bins, maxlen=ECHO_WINDOW)
+        self.room, self.direct, self.ring = room, direct, ring
+        return found
 
     def _echo_only(self) -> list[tuple[int, float]]:
         """The window's bins that are only the echo: none within 100 ms of a suspect one (a
@@ -1139,7 +1175,7 @@ class EchoGuard:
                      for d, t in zip(direct, tails, strict=True)]
         frames = [(heard[n] + heard[n + 1]) / (predicted[n] + predicted[n + 1])
                   for n in range(0, len(heard) - 1, 2)
-                  if predicted[n] + predicted[n + 1] > 2 * ECHO_ABOVE_NOISE * self.noise]
+                  if heard[n] + heard[n + 1] > 2 * ECHO_ABOVE_NOISE * self.noise]
         if len(frames) < 25 or gain_direct + gain_tail <= 0:
             return EchoPath(0, 0.0, 0.0, decay, math.inf, 0.0)
         # Too few frames for a 99th percentile (the first second of a reply): the loudest, and

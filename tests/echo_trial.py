@@ -23,8 +23,10 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path as FilePath
 from typing import Any
@@ -33,7 +35,7 @@ import numpy as np
 from conftest import API_KEY, Client, cpu_seconds
 from real_audio import speech
 from realtime_server import FakeRealtime, Session
-from room import MIC_SOURCE, Path, Room
+from room import MIC_SOURCE, Path, Room, load_module, pactl
 from websockets.exceptions import ConnectionClosed
 
 ASSISTANT = ("Here is the whole story, as you asked. The lighthouse keeper climbed the stairs every "
@@ -75,13 +77,18 @@ def voices(work: FilePath, pair: tuple[str, str] = ("en-gb", "en-us")
 def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = None,
         seconds: float | None = None, work: FilePath | None = None, question: bool = False,
         cache: FilePath | None = None, person_dbfs: float | None = None,
-        pair: tuple[str, str] = ("en-gb", "en-us")) -> Result:
+        pair: tuple[str, str] = ("en-gb", "en-us"), anchor: str | None = None,
+        change: tuple[float, Path] | None = None) -> Result:
     """`replies` long replies back to back (each cut to `seconds`); the person speaks `person_at`
     s into the last one. With `question`, the conversation starts in its natural order: the
     person asks first, and the first reply answers them; without, the assistant greets first.
     `cache` is the script's XDG_CACHE_HOME (where it remembers the room); `person_dbfs` the
     level of the person's voice at the microphone; `pair` the assistant's and the person's
-    voices (see real_audio.speech)."""
+    voices (see real_audio.speech); `change` (s into the last reply, the new path) changes the
+    room mid-reply. `anchor` puts something else in front of the script (with --duplex full),
+    for bench/echo.py: "webrtc", PulseAudio's WebRTC echo canceller between the room and the
+    script; "gate", the openai-agents demo's energy gate (see room.Acoustics), whose opening
+    stops the playback with Enter, as the demo's does."""
     work = work or FilePath(tempfile.mkdtemp(prefix="echo-"))
     work.mkdir(parents=True, exist_ok=True)
     assistant, person, answer = voices(work, pair)
@@ -119,14 +126,32 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
                 ends = time.monotonic() + len(answer) / 48_000 + 1.0
         await asyncio.sleep(3600)
 
-    room = Room(path)
+    gate = work / "gate.txt" if anchor == "gate" else None
+    room = Room(path, str(gate or ""))
     server = FakeRealtime(script, vad=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "REALTIME_"))}
     env.update(OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=server.url, PULSE_SOURCE=MIC_SOURCE,
                PYTHONUNBUFFERED="1", XDG_CACHE_HOME=str(cache or work / "cache"))
+    try:  # the canceller's own gain control off: it would make the person louder than they are
+        canceller = load_module(
+            "module-echo-cancel", "aec_method=webrtc", f"source_master={MIC_SOURCE}",
+            "sink_master=ci_sink", "source_name=aec_mic", "sink_name=aec_speaker",
+            'aec_args="analog_gain_control=0 digital_gain_control=0"') \
+            if anchor == "webrtc" else None
+    except subprocess.CalledProcessError:
+        room.close()
+        server.stop()
+        raise
+    if canceller:
+        env.update(PULSE_SOURCE="aec_mic", PULSE_SINK="aec_speaker")
     log = work / "log.jsonl"
     client = Client(work, server, ["--duplex", duplex, "--log", str(log)], env)
     result = Result()
+    pressed: list[float] = []
+    watching = gate is not None
+    if gate is not None:
+        threading.Thread(target=stop_at_the_gate, args=(gate, client, pressed, lambda: watching),
+                         daemon=True).start()
     try:
         client.wait_for("connected", timeout=15)
         cpu_from, cpu_since = cpu_seconds(client.process.pid), time.monotonic()
@@ -137,6 +162,10 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
         while "last reply" not in moments:
             time.sleep(0.01)
         deadline = moments["last reply"] + reply_seconds + 0.5
+        if change is not None:
+            while time.monotonic() < moments["last reply"] + change[0]:
+                time.sleep(0.01)
+            room.change(change[1])
         if person_at is not None:
             while time.monotonic() < moments["last reply"] + person_at:
                 time.sleep(0.01)
@@ -150,9 +179,12 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
         client.process.send_signal(signal.SIGINT)
         client.finish()
     finally:
+        watching = False
         if client.process.poll() is None:
             client.process.kill()
             client.finish()
+        if canceller:  # before the room's microphone, its master, which would take it along
+            pactl("unload-module", canceller)
         room.close()
         server.stop()
     assert not server.problems, server.problems
@@ -163,7 +195,7 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
     result.self_triggered = len([t for t in server.speech_started
                                  if silent_from < t < silent_until])
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    result.local_stops = len([r for r in records if r.get("event") == "barge-in"])
+    result.local_stops = len([r for r in records if r.get("event") == "barge-in"]) + len(pressed)
     loud = [at for at, level in room.speaker if level > 0.01]
     result.assistant_seconds = len([at for at in loud if at < silent_until]) * 0.02
     if said is not None:
@@ -177,6 +209,21 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
         result.answered = ANSWER in client.stdout
     result.log = [r for r in records if r.get("event") in ("barge-in", "truncated")]
     return result
+
+
+def stop_at_the_gate(gate: FilePath, client: Client, pressed: list[float],
+                     watching: Any) -> None:
+    """The energy gate's way to stop the assistant: each time it opens (a line in its file) while
+    the assistant plays, Enter (at most once every 0.5 s), as the demo flushes its player."""
+    seen = 0
+    while watching():
+        opened = gate.read_text().count("\n") if gate.exists() else 0
+        if opened > seen and (not pressed or time.monotonic() > pressed[-1] + 0.5):
+            pressed.append(time.monotonic())
+            with contextlib.suppress(BrokenPipeError, ValueError):
+                client.type("")
+        seen = opened
+        time.sleep(0.005)
 
 
 def at_level(pcm: bytes, dbfs: float) -> bytes:

@@ -75,9 +75,11 @@ class Room:
     meantime (a fake server validating a burst of events) can hold up the sound: a stall would
     make PulseAudio delay the echo for good, which no real room does."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, gate: str = "") -> None:
+        """`gate`: a file to note in when the energy gate (see Acoustics) opens, "" for none."""
         self.process = subprocess.Popen([sys.executable, __file__, json.dumps(
-            dataclasses.asdict(path))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            dataclasses.asdict(path)), gate], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True)
         assert self.process.stdin is not None and self.process.stdout is not None
         if self.process.stdout.readline().strip() != "ready":
             raise RuntimeError("the room did not start (is ../shared/pulse-rig.sh up?)")
@@ -92,6 +94,13 @@ class Room:
             file.write(pcm)
         assert self.process.stdin is not None
         self.process.stdin.write(f"say {spoken}\n")
+        self.process.stdin.flush()
+
+    def change(self, path: Path) -> None:
+        """The path changes from the next block: speakers turned up or down, headphones plugged
+        in or out. What was already on its way through the room still rings out."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"change {json.dumps(dataclasses.asdict(path))}\n")
         self.process.stdin.flush()
 
     def close(self) -> None:
@@ -109,10 +118,18 @@ class Room:
 
 
 class Acoustics:
-    """The room itself, in its process: the speaker's sound through the path into the microphone."""
+    """The room itself, in its process: the speaker's sound through the path into the microphone.
 
-    def __init__(self, path: Path) -> None:
+    With a `gate` file, the microphone goes through the openai-agents demo's energy gate before
+    it reaches the script (a comparison for bench/echo.py, not the script's own): while the
+    assistant plays, a block passes only when its RMS >= max(0.015, 0.6 x the playback's smoothed
+    RMS + 0.002), others are silence; the moment one passes, the gate notes it in the file (the
+    trial then stops the playback, as the demo does)."""
+
+    def __init__(self, path: Path, gate: str = "") -> None:
         self.path = path
+        self.gate = gate
+        self.playback = 0.0  # the playback's smoothed RMS, for the gate
         self.modules = [load_module("module-null-sink", f"sink_name={MIC_SINK}", "format=s16le",
                                     f"rate={RATE}", "channels=1",
                                     "sink_properties=device.description=Room_Microphone"),
@@ -121,9 +138,8 @@ class Acoustics:
                                     "sink_dont_move=true")]
         pactl("suspend-sink", MIC_SINK, "1")  # re-arm its render timer with the keeper's 10 ms
         pactl("suspend-sink", MIC_SINK, "0")
-        response = path.impulse_response()
-        self.size = 1 << int(np.ceil(np.log2(len(response) + BLOCK)))
-        self.response = np.fft.rfft(response, self.size)
+        self.size = 1 << int(np.ceil(np.log2(int(1.2 * RATE) + BLOCK)))  # any path fits
+        self.response = np.fft.rfft(path.impulse_response(), self.size)
         self.overlap = np.zeros(self.size)
         self.rng = np.random.default_rng(11)
         self.noise = 32768 * 10 ** (path.noise_dbfs / 20)
@@ -145,6 +161,10 @@ class Acoustics:
         """The person speaks these words (24 kHz PCM) into the microphone, from the next block."""
         with self.lock:
             self.voice.append(np.frombuffer(pcm, dtype="<i2").astype(np.float64))
+
+    def change(self, path: Path) -> None:
+        with self.lock:
+            self.path, self.response = path, np.fft.rfft(path.impulse_response(), self.size)
 
     def _run(self) -> None:
         assert self.listen.stdout is not None and self.mouth.stdin is not None
@@ -172,11 +192,12 @@ class Acoustics:
 
     def _microphone(self, played: np.ndarray, at: float) -> bytes:
         mic = self.rng.standard_normal(BLOCK) * self.noise
-        if self.path.echo:
-            self.overlap += np.fft.irfft(np.fft.rfft(played, self.size) * self.response, self.size)
+        with self.lock:
+            if self.path.echo:
+                self.overlap += np.fft.irfft(np.fft.rfft(played, self.size) * self.response,
+                                             self.size)
             mic += self.overlap[:BLOCK]
             self.overlap = np.concatenate([self.overlap[BLOCK:], np.zeros(BLOCK)])
-        with self.lock:
             if self.voice:
                 piece, self.voice[0] = self.voice[0][:BLOCK], self.voice[0][BLOCK:]
                 if self.onset_pending and np.sqrt(np.mean((piece / 32768) ** 2)) > 0.01:
@@ -186,7 +207,19 @@ class Acoustics:
                 if not len(self.voice[0]):
                     self.voice.pop(0)
                     self.onset_pending = True
+        if self.gate:
+            mic = self._gated(mic, float(np.sqrt(np.mean((played / 32768) ** 2))), at)
         return np.clip(mic, -32768, 32767).astype("<i2").tobytes()
+
+    def _gated(self, mic: np.ndarray, played_rms: float, at: float) -> np.ndarray:
+        self.playback = 0.8 * self.playback + 0.2 * played_rms
+        if self.playback < 0.001:  # the assistant is not playing: everything passes
+            return mic
+        if float(np.sqrt(np.mean((mic / 32768) ** 2))) >= max(0.015, 0.6 * self.playback + 0.002):
+            with open(self.gate, "a") as notes:
+                notes.write(f"{at}\n")
+            return mic
+        return np.zeros(BLOCK)
 
     def close(self) -> None:
         self.running = False
@@ -206,12 +239,16 @@ def load_module(*args: str) -> str:
     return pactl("load-module", *args).strip()
 
 
-def serve(path: Path) -> None:
-    """The room's process: commands on stdin ("say FILE", "close"), what it noticed on stdout."""
-    room = Acoustics(path)
+def serve(path: Path, gate: str) -> None:
+    """The room's process: commands on stdin ("say FILE", "change PATH", "close"), what it
+    noticed on stdout."""
+    room = Acoustics(path, gate)
     print("ready", flush=True)
     for line in sys.stdin:
         command, _, argument = line.strip().partition(" ")
+        if command == "change":
+            room.change(Path(**json.loads(argument)))
+            continue
         if command != "say":
             break
         with open(argument, "rb") as file:
@@ -221,4 +258,4 @@ def serve(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    serve(Path(**json.loads(sys.argv[1])))
+    serve(Path(**json.loads(sys.argv[1])), sys.argv[2] if len(sys.argv) > 2 else "")
