@@ -815,6 +815,7 @@ ECHO_RELEARN = 100
 ECHO_FIRST_RELEARN = 20  # ...and this often until it has learned the room from this run
 ECHO_LEARN_FROM = 50  # bins of the assistant's sound it needs before it trusts what it learned
 ECHO_TAIL = 1.0  # s after the assistant's sound in which the microphone may still hear it
+ECHO_RECENT = 30  # bins (300 ms) that tell whether the echo came back (headphones unplugged)
 ECHO_DECAYS = (100, 200, 300, 450, 650, 900)  # ms: the room tails (RT60) it tries
 ECHO_SLOWEST = 10 ** (-6 * ECHO_BIN * 1000 / 900)  # a bin's fall in the longest-ringing room
 ECHO_MARGIN = 10 ** 0.45  # power: the person is 4.5 dB above the (calibrated) echo...
@@ -896,6 +897,7 @@ class EchoPath:
     decay: float
     margin: float
     match: float  # how well the envelopes correlate, 0..1
+    frames: int = 0  # how many 20 ms frames the margin was calibrated on
 
     @property
     def gain_db(self) -> float:
@@ -929,6 +931,8 @@ class EchoGuard:
         self.no_echo = False
         self.direct = self.room = 0.0  # the delayed reference now, and its tail in the room
         self.ring = 0.0  # the echo the microphone heard, fading as slowly as any room rings
+        self.recent: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=ECHO_RECENT)  # (heard, expected) of the last bins
         self.loud_frames = self.very_loud = 0
         self.bins_heard = 0
         self.person = False  # speaking over the assistant, until the next reply plays
@@ -998,6 +1002,7 @@ class EchoGuard:
         verdict = self._verdict(heard, expected, ringing, len(powers) * self.noise, captured)
         for power, most in zip(powers, expectations, strict=True):
             self.ring = max(self.ring * ECHO_SLOWEST, min(power, most))
+        self.recent.extend(zip(powers, expectations))
         return verdict
 
     def _expected(self, key: int) -> float:
@@ -1013,6 +1018,10 @@ class EchoGuard:
     def _verdict(self, heard: float, expected: float, ringing: float, noise: float,
                  captured: float) -> str:
         audible = captured < self.audible_until + 0.5  # 0.5 s: the longest delay and tail
+        if self.no_echo and audible and not self.person and self._echo_is_back():
+            self.no_echo, self.learned, self.fits = False, False, []  # a path to prove again
+            self.heard.clear()  # learnt afresh from the echo as it is now, not the silence before
+            return self.HOLD
         if self.person or self.no_echo or not audible:
             self.loud_frames = 0
             return self.PASS
@@ -1031,6 +1040,21 @@ class EchoGuard:
         self.person = True
         self.interrupted_at = captured
         return self.PERSON
+
+    def _echo_is_back(self) -> bool:
+        """With no echo (headphones), whether it came back (unplugged): the last 300 ms heard
+        follow what the path known before says the echo would be, as the person's voice would
+        not. The path is the one learned before the headphones, or the remembered one."""
+        if self.path is None or len(self.recent) < ECHO_RECENT:
+            return False
+        heard = [math.sqrt(power) for power, _ in self.recent]
+        expected = [math.sqrt(max(most - self.noise, 0.0)) for _, most in self.recent]
+        loud = sum(power for power, _ in self.recent) > ECHO_ABOVE_NOISE * self.noise * len(heard)
+        return loud and correlation(heard, expected) > 0.8
+
+    def _remembered_holds(self) -> bool:
+        ordered = sorted(self.fits)
+        return len(ordered) >= 8 and ordered[len(ordered) // 2] <= 2
 
     def _fits_remembered(self, heard: float, expected: float, noise: float) -> bool:
         """Whether a room remembered from an earlier run still holds, by the echo's first loud
@@ -1066,6 +1090,9 @@ class EchoGuard:
         path = self._fit_window()
         if path is None:
             return
+        if not self.learned and self.path is not None and path.frames < 100 and \
+                self._remembered_holds():
+            return  # a remembered room this run's echo agrees with beats a young fit
         self.no_echo = False
         old = self.path if self.learned else None  # a remembered room gives way at once
         if old is not None and path.margin * path.direct < old.margin * old.direct:
@@ -1182,7 +1209,7 @@ class EchoGuard:
         # 2 dB on top, until there are more.
         margin = max(sorted(frames)[int(len(frames) * ECHO_CALIBRATION)] if len(frames) >= 100
                      else max(frames) * 10 ** 0.2, 1.0)
-        return EchoPath(0, gain_direct, gain_tail, decay, margin, 0.0)
+        return EchoPath(0, gain_direct, gain_tail, decay, margin, 0.0, len(frames))
 
     def status(self) -> str:
         if self.no_echo:
@@ -1215,7 +1242,8 @@ class RoomMemory:
         room: Any = self._rooms().get(self.key)
         try:
             path = EchoPath(int(room["delay"]), float(room["direct"]), float(room["tail"]),
-                            float(room["decay"]), float(room["margin"]), float(room["match"]))
+                            float(room["decay"]), float(room["margin"]), float(room["match"]),
+                            int(room.get("frames", 0)))
         except (TypeError, KeyError, ValueError, OverflowError):
             return None
         sane = 0 <= path.delay <= ECHO_MAX_DELAY and 0 <= path.direct <= 10 and \
@@ -1224,17 +1252,13 @@ class RoomMemory:
         return path if sane else None
 
     def keep(self, guard: EchoGuard) -> None:
-        """What this run learned: its path, or nothing at all (headphones, or a run too short
-        to learn in, leave what was remembered as it was, but for no echo: that is forgotten,
-        since speakers may be back next time)."""
-        rooms = self._rooms()
-        if guard.no_echo:
-            rooms.pop(self.key, None)
-        elif guard.learned and guard.path is not None:
-            rooms[self.key] = {**dataclasses.asdict(guard.path),
-                               "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        else:
+        """What this run learned. Headphones, or a run too short to learn in, leave what was
+        remembered as it was: the speakers' path is what the next run needs if they are back."""
+        if not guard.learned or guard.path is None:
             return
+        rooms = self._rooms()
+        rooms[self.key] = {**dataclasses.asdict(guard.path),
+                           "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         try:  # written whole, then renamed: a run that dies meanwhile leaves the old file
             self.file.parent.mkdir(parents=True, exist_ok=True)
             partial = self.file.with_suffix(".partial")

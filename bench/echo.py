@@ -5,6 +5,7 @@ gate, over a randomised matrix of rooms, voices, levels and moments, in one run.
                                                         needs ../shared/pulse-rig.sh up, flite,
                                                         and nothing else playing on the rig)
     .venv/bin/python bench/echo.py --trials 12 --modes auto,gate   (a quicker look)
+    .venv/bin/python bench/echo.py --anchor-trials 24  (the other modes on the first 24 trials)
     .venv/bin/python bench/echo.py --seed 7            (another matrix; the seed is printed)
     .venv/bin/python bench/echo.py --cpu               (only the CPU of each mode; 4 minutes)
 
@@ -49,6 +50,13 @@ from real_audio import why_no_real_audio  # noqa: E402
 from room import Path  # noqa: E402
 
 MODES = ("auto", "full", "half", "webrtc", "gate")
+# Mid-reply: (the path before, the path after), from the trial's room.
+CHANGES = {
+    "speakers up 6 dB": lambda room: (room, dataclasses.replace(room, gain_db=room.gain_db + 6)),
+    "speakers down 10 dB": lambda room: (room, dataclasses.replace(room, gain_db=room.gain_db - 10)),
+    "headphones in": lambda room: (room, Path(echo=False)),
+    "headphones out": lambda room: (Path(echo=False), room),
+}
 # (assistant, person): male and female both ways, from two synthesisers.
 PAIRS = [("en-gb", "flite:slt"), ("flite:slt", "en-us"), ("en-us+f3", "flite:kal"),
          ("flite:rms", "en-us+f2")]
@@ -65,9 +73,12 @@ class Trial:
     replies: int  # the person talks over the last of them
     remembered: bool  # a run in the same room comes first: the room is remembered
     seconds: float  # of each reply
+    change: str = ""  # the path changes 2 s before the person speaks (see CHANGES)
 
     @property
     def room(self) -> str:
+        if self.change:
+            return f"path changes: {self.change}"
         loud = "-12 to -6 dB" if self.path.gain_db > -12 else (
             "-18 to -12 dB" if self.path.gain_db > -18 else "-24 to -18 dB")
         return loud + (", RT60 > 600 ms" if self.path.rt60_ms > 600 else "")
@@ -80,12 +91,15 @@ def matrix(seed: int, trials: int, silent_runs: int) -> list[Trial]:
         path = Path(gain_db=round(rng.uniform(-24, -6), 1), delay_ms=round(rng.uniform(5, 60)),
                     rt60_ms=round(rng.uniform(150, 900)), noise_dbfs=rng.choice([-60.0, -45.0]))
         remembered = number < trials and rng.random() < 0.25
-        onset = rng.choice([0.5, 1.0, 2.5] if remembered else [1.0, 2.5, 4.5, 8.0])
+        change = rng.choice(sorted(CHANGES)) if number < trials and not remembered and \
+            rng.random() < 0.2 else ""
+        onset = rng.choice([0.5, 1.0, 2.5] if remembered else [4.5, 8.0] if change else
+                           [1.0, 2.5, 4.5, 8.0])
         replies = 2 if number < trials and not remembered and rng.random() < 0.25 else 1
         found.append(Trial(
             number, path, rng.choice(PAIRS), round(rng.uniform(-26, -14), 1),
             rng.random() < 0.75, onset if number < trials else None, replies, remembered,
-            12.0 if number < trials else 30.0))
+            12.0 if number < trials else 30.0, change))
     return found
 
 
@@ -93,11 +107,17 @@ def run(mode: str, trial: Trial) -> echo_trial.Result:
     work = FilePath(tempfile.mkdtemp(prefix=f"echo-{mode}-"))
     duplex = mode if mode in ("auto", "full", "half") else "full"
     anchor = None if duplex == mode else mode
-    if trial.remembered:  # the run before, in the same room: only its memory counts
+    if trial.remembered or trial.change == "headphones out":  # the run before, in the room
+        # (with the speakers): only its memory counts. Unplugged headphones need it: with no
+        # path ever known, nothing tells the echo from the person.
         echo_trial.run(duplex, trial.path, seconds=4, question=trial.question, cache=work / "cache",
                        work=work / "before", pair=trial.pair, anchor=anchor)
     seconds = max(trial.seconds, (trial.onset or 0) + 4)
-    return echo_trial.run(duplex, trial.path, replies=trial.replies, person_at=trial.onset,
+    path, changes = trial.path, ()
+    if trial.change:  # with headphones out, the room is learned before: the remembered one
+        before, after = CHANGES[trial.change](trial.path)
+        path, changes = before, (((trial.onset or 6) - 2, after),)
+    return echo_trial.run(duplex, path, replies=trial.replies, person_at=trial.onset, changes=changes,
                           seconds=seconds, question=trial.question, cache=work / "cache",
                           work=work / "trial", person_dbfs=trial.person_dbfs, pair=trial.pair,
                           anchor=anchor)
@@ -140,8 +160,11 @@ HEADER = ("| trials | mode | assistant speech, person silent | turns its own voi
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=60, help="trials with the person talking")
-    parser.add_argument("--silent-runs", type=int, default=4,
+    parser.add_argument("--silent-runs", type=int, default=10,
                         help="30 s runs with the person silent, added to the matrix")
+    parser.add_argument("--anchor-trials", type=int, default=None,
+                        help="the modes other than auto run only the first N trials of the "
+                             "matrix (and one silent run): the same rooms, fewer of them")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--cpu", action="store_true",
@@ -164,22 +187,32 @@ def main() -> int:
           "with the person silent", flush=True)
     for trial in trials:
         print(f"  {trial}", file=sys.stderr, flush=True)
-    results = {mode: [(trial, run(mode, trial)) for trial in trials] for mode in modes}
+    def chosen(mode: str) -> list[Trial]:
+        if mode == "auto" or args.anchor_trials is None:
+            return trials
+        return trials[:args.anchor_trials] + trials[args.trials:args.trials + 1]
+
+    results = {mode: [(trial, run(mode, trial)) for trial in chosen(mode)] for mode in modes}
     print(HEADER)
     for mode in modes:
-        print(rows(f"all {len(trials)}", mode, results[mode]), flush=True)
+        print(rows(f"{len(results[mode])}", mode, results[mode]), flush=True)
     print("\nBy kind of room:\n")
     print(HEADER.replace("| trials |", "| room |"))
+    if args.anchor_trials is not None:
+        print(f"(the modes other than auto: the first {args.anchor_trials} trials)\n")
     for room in sorted({trial.room for trial in trials}):
         for mode in modes:
-            print(rows(room, mode, [(t, r) for t, r in results[mode] if t.room == room]))
+            picked = [(t, r) for t, r in results[mode] if t.room == room]
+            if picked:
+                print(rows(room, mode, picked))
     print("\nBy moment (the person talking over the reply):\n")
     print(HEADER.replace("| trials |", "| onset |"))
     for onset in sorted({t.onset for t in trials if t.onset is not None}):
         for mode in modes:
-            chosen = [(t, r) for t, r in results[mode] if t.onset == onset]
+            picked = [(t, r) for t, r in results[mode] if t.onset == onset]
             label = f"{onset:g} s" + (" (remembered rooms)" if onset < 1 else "")
-            print(rows(label, mode, chosen))
+            if picked:
+                print(rows(label, mode, picked))
     return 0
 
 

@@ -59,6 +59,7 @@ class Result:
     speech_started_ms: float | None = None
     onset_missing_ms: float | None = None
     answered: bool = False
+    stops_before_answer: int = 0  # local stops before the answer to the person began
     question_heard: bool = False  # the person spoke first, and the server's VAD heard it
     assistant_seconds: float = 0.0  # of the assistant's speech the room heard
     cpu_percent: float = 0.0  # of one core, the whole script, once connected
@@ -78,14 +79,14 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
         seconds: float | None = None, work: FilePath | None = None, question: bool = False,
         cache: FilePath | None = None, person_dbfs: float | None = None,
         pair: tuple[str, str] = ("en-gb", "en-us"), anchor: str | None = None,
-        change: tuple[float, Path] | None = None) -> Result:
+        changes: tuple[tuple[float, Path], ...] = ()) -> Result:
     """`replies` long replies back to back (each cut to `seconds`); the person speaks `person_at`
     s into the last one. With `question`, the conversation starts in its natural order: the
     person asks first, and the first reply answers them; without, the assistant greets first.
     `cache` is the script's XDG_CACHE_HOME (where it remembers the room); `person_dbfs` the
     level of the person's voice at the microphone; `pair` the assistant's and the person's
-    voices (see real_audio.speech); `change` (s into the last reply, the new path) changes the
-    room mid-reply. `anchor` puts something else in front of the script (with --duplex full),
+    voices (see real_audio.speech); `changes` ((s into the last reply, the new path), …) change
+    the room mid-reply. `anchor` puts something else in front of the script (with --duplex full),
     for bench/echo.py: "webrtc", PulseAudio's WebRTC echo canceller between the room and the
     script; "gate", the openai-agents demo's energy gate (see room.Acoustics), whose opening
     stops the playback with Enter, as the demo's does."""
@@ -162,10 +163,10 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
         while "last reply" not in moments:
             time.sleep(0.01)
         deadline = moments["last reply"] + reply_seconds + 0.5
-        if change is not None:
-            while time.monotonic() < moments["last reply"] + change[0]:
+        for at, changed in changes:
+            while time.monotonic() < moments["last reply"] + at:
                 time.sleep(0.01)
-            room.change(change[1])
+            room.change(changed)
         if person_at is not None:
             while time.monotonic() < moments["last reply"] + person_at:
                 time.sleep(0.01)
@@ -203,6 +204,7 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
         result.stop_ms = (max(before_answer) - said) * 1000 if before_answer else None
         truncated = [t for t, e in server.received if e["type"] == "conversation.item.truncate"]
         result.detect_ms = (truncated[0] - said) * 1000 if truncated else None
+        result.stops_before_answer = len([t for t in truncated if not answers or t < answers[0]])
         after = [t for t in server.speech_started if t >= said - 0.05]
         result.speech_started_ms = (after[0] - said) * 1000 if after else None
         result.onset_missing_ms = onset_missing_ms(server, person)
@@ -219,6 +221,9 @@ def stop_at_the_gate(gate: FilePath, client: Client, pressed: list[float],
     while watching():
         opened = gate.read_text().count("\n") if gate.exists() else 0
         if opened > seen and (not pressed or time.monotonic() > pressed[-1] + 0.5):
+            # The gate sits in the room, ahead of the ~100 ms the microphone's sound takes to
+            # reach a client (tests/room.py's pacat, PulseAudio, sox): a client's gate is that late.
+            time.sleep(0.1)
             pressed.append(time.monotonic())
             with contextlib.suppress(BrokenPipeError, ValueError):
                 client.type("")
