@@ -67,9 +67,10 @@ class Client:
     """realtime_sox.py running against the fake server and fake sox, as a person would run it."""
 
     def __init__(self, tmp_path: Path, server: FakeRealtime | None, args: list[str],
-                 env: dict[str, str], stdin: int | None = subprocess.PIPE) -> None:
+                 env: dict[str, str], stdin: int | None = subprocess.PIPE,
+                 script: Path = SCRIPT) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env, stdin=stdin,
+            [sys.executable, str(script), *args], cwd=tmp_path, env=env, stdin=stdin,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.out: list[bytes] = []
         self.err: list[bytes] = []
@@ -179,8 +180,9 @@ def run_client(tmp_path: Path, base_env: dict[str, str], sox_log: SoxLog) -> Ite
     clients: list[Client] = []
 
     def start(server: FakeRealtime | None, *args: str, env: dict[str, str | None] | None = None,
-              stdin: int | None = subprocess.PIPE) -> Client:
-        """`env` adds to the base environment; a None value removes the variable."""
+              stdin: int | None = subprocess.PIPE, script: Path = SCRIPT) -> Client:
+        """`env` adds to the base environment; a None value removes the variable. `script`
+        runs another client, examples/minimal.py, in the same harness."""
         full_env = dict(base_env)
         if server is not None:
             full_env["OPENAI_BASE_URL"] = server.url
@@ -189,7 +191,7 @@ def run_client(tmp_path: Path, base_env: dict[str, str], sox_log: SoxLog) -> Ite
                 full_env.pop(name, None)
             else:
                 full_env[name] = value
-        clients.append(Client(tmp_path, server, list(args), full_env, stdin))
+        clients.append(Client(tmp_path, server, list(args), full_env, stdin, script))
         return clients[-1]
 
     yield start
