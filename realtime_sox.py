@@ -1002,7 +1002,7 @@ class EchoGuard:
         verdict = self._verdict(heard, expected, ringing, len(powers) * self.noise, captured)
         for power, most in zip(powers, expectations, strict=True):
             self.ring = max(self.ring * ECHO_SLOWEST, min(power, most))
-        self.recent.extend(zip(powers, expectations))
+        self.recent.extend(zip(powers, expectations, strict=True))
         return verdict
 
     def _expected(self, key: int) -> float:

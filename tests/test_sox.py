@@ -97,11 +97,18 @@ def test_a_silent_recorder_is_reported_and_restarted(serve, run_client, sox_log,
                                      "FAKE_SOX_MIC": str(tmp_path / "mic.raw")})
     client.wait_for("the sox recorder gave no audio for 4 s (did the microphone go away?); "
                     "restarting it", timeout=10)
-    time.sleep(1.0)
+
+    def new_audio_sent() -> bool:
+        runs = sox_log.runs("recorder")
+        sent = b"".join(base64.b64decode(e["audio"])
+                        for e in server.events("input_audio_buffer.append"))
+        return len(runs) == 2 and len(runs[1]["raw"]) >= 8192 and runs[1]["raw"][4096:8192] in sent
+
+    deadline = time.monotonic() + 3
+    while not new_audio_sent() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert client.stop() == 0
-    first, second = sox_log.runs("recorder")
-    sent = b"".join(base64.b64decode(e["audio"]) for e in server.events("input_audio_buffer.append"))
-    assert second["raw"][4096:8192] in sent  # the new recorder's audio reaches the server
+    assert new_audio_sent()  # the new recorder's audio reaches the server
 
 
 def test_a_player_that_takes_no_audio_is_reported_and_restarted(serve, run_client, sox_log):
@@ -118,7 +125,10 @@ def test_a_player_that_takes_no_audio_is_reported_and_restarted(serve, run_clien
     client.wait_for("the sox player took no audio for 4 s (did the speaker go away?); "
                     "restarting it", timeout=12)
     client.wait_for("Can you hear me now", timeout=10)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not any(
+            noise(0.4, seed=24)[:9600] in run["raw"] for run in sox_log.runs("player")[1:]):
+        time.sleep(0.05)
     assert client.stop() == 0
     assert len(sox_log.runs("player")) == 2
     assert noise(0.4, seed=24)[:9600] in sox_log.runs("player")[1]["raw"]
