@@ -37,7 +37,9 @@ def test_a_voice_turn_and_a_typed_turn_heard_to_their_end_the_microphone_muted_m
     client = run_client(server, script=MINIMAL, env={"FAKE_SOX_MIC": str(tmp_path / "mic.raw")})
     client.wait_for("assistant: A short poem.")
     client.wait_for("$0.0014 (session $0.0014)")
-    time.sleep(1.5)  # the reply plays (0.9 s), and its padded last block with it
+    deadline = time.monotonic() + 3  # the reply plays (0.9 s), and its padded last block with it
+    while REPLY not in sox_log.heard() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert REPLY in sox_log.heard()  # every byte, its end included: sox's last block was filled
     sent = [(at, base64.b64decode(e["audio"])) for at, e in server.received
             if e["type"] == "input_audio_buffer.append"]
@@ -68,10 +70,10 @@ def test_enter_interrupts_and_tells_the_model_what_was_heard(serve, run_client, 
     server = serve(script)
     client = run_client(server, script=MINIMAL)
     client.wait_for("connected")
-    time.sleep(2.0)
+    time.sleep(1.3)
     pressed = time.monotonic()
     client.type("")
-    time.sleep(0.5)
+    time.sleep(0.3)
     assert client.stop() == 0
     (cancel,) = server.events("response.cancel")
     (truncate,) = server.events("conversation.item.truncate")
@@ -99,7 +101,7 @@ def test_the_real_sox_plays_the_reply_to_its_end(serve, run_client):
     try:
         client = run_client(serve(script), script=MINIMAL, env={"PATH": os.environ["PATH"]})
         client.wait_for("assistant: Listen to the end.")
-        time.sleep(2.5)
+        time.sleep(1.9)  # 1 s of sound, sox's first block, the sink's latency
         assert client.stop() == 0
     finally:
         recorder.stop()
