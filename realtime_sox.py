@@ -1010,10 +1010,16 @@ class EchoGuard:
         a new player may start a little sooner or later)."""
         if self.path is None:
             return 0.0
-        path, at = self.path, key - self.path.delay
-        self.room = self.room * path.decay + self.direct
-        self.direct = max(self.reference.get(at + shift, 0.0) for shift in (-1, 0, 1, 2))
-        return self.noise + path.margin * (path.direct * self.direct + path.tail * self.room)
+        self.room, self.direct, expected = self._step(self.path, self.room, self.direct, key)
+        return expected
+
+    def _step(self, path: EchoPath, room: float, direct: float, key: int
+              ) -> tuple[float, float, float]:
+        """The path's prediction one bin on: the room's tail (fed by the bin before), the
+        reference `delay` bins back, and the echo they make with the margin and the noise."""
+        room = room * path.decay + direct
+        direct = max(self.reference.get(key - path.delay + shift, 0.0) for shift in (-1, 0, 1, 2))
+        return room, direct, self.noise + path.margin * (path.direct * direct + path.tail * room)
 
     def _verdict(self, heard: float, expected: float, ringing: float, noise: float,
                  captured: float) -> str:
@@ -1052,9 +1058,10 @@ class EchoGuard:
         loud = sum(power for power, _ in self.recent) > ECHO_ABOVE_NOISE * self.noise * len(heard)
         return loud and correlation(heard, expected) > 0.8
 
-    def _remembered_holds(self) -> bool:
-        ordered = sorted(self.fits)
-        return len(ordered) >= 8 and ordered[len(ordered) // 2] <= 2
+    def _remembered_fit(self) -> float | None:
+        """This run's echo against the remembered path (1: as loud as it says), the median of
+        its loud frames; None until 8 of them tell."""
+        return sorted(self.fits)[len(self.fits) // 2] if len(self.fits) >= 8 else None
 
     def _fits_remembered(self, heard: float, expected: float, noise: float) -> bool:
         """Whether a room remembered from an earlier run still holds, by the echo's first loud
@@ -1065,11 +1072,11 @@ class EchoGuard:
         if expected > 2 * ECHO_ABOVE_NOISE * noise:  # the model says: clearly some echo here
             self.fits.append((heard - noise) * self.path.margin / (expected - noise))
             del self.fits[:-50]
-        ordered = sorted(self.fits)
-        if len(ordered) >= 8 and ordered[len(ordered) // 2] > 2:  # 3 dB louder, half the time
+        fit = self._remembered_fit()
+        if fit is not None and fit > 2:  # 3 dB louder, half the time
             self.path, self.fits = None, []
             return False
-        return len(ordered) >= 8
+        return fit is not None
 
     def preroll(self) -> list[bytes]:
         """The frames up to this one: the person's first words, which were held back."""
@@ -1090,8 +1097,9 @@ class EchoGuard:
         path = self._fit_window()
         if path is None:
             return
+        fit = self._remembered_fit()
         if not self.learned and self.path is not None and path.frames < 100 and \
-                self._remembered_holds():
+                fit is not None and fit <= 2:
             return  # a remembered room this run's echo agrees with beats a young fit
         self.no_echo = False
         old = self.path if self.learned else None  # a remembered room gives way at once
@@ -1146,15 +1154,11 @@ class EchoGuard:
         path = self.path
         assert path is not None and self.heard
         room = direct = ring = 0.0
-        for at in range(self.heard[0][0] - 150 - path.delay, self.heard[0][0] - path.delay):
-            room = room * path.decay + direct
-            direct = max(self.reference.get(at + shift, 0.0) for shift in (-1, 0, 1, 2))
+        for key in range(self.heard[0][0] - 150, self.heard[0][0]):
+            room, direct, _ = self._step(path, room, direct, key)
         found, bins = 0, list(self.heard)
         for index, (key, power, suspect, may_echo) in enumerate(bins):
-            room = room * path.decay + direct
-            direct = max(self.reference.get(key - path.delay + shift, 0.0)
-                         for shift in (-1, 0, 1, 2))
-            expected = self.noise + path.margin * (path.direct * direct + path.tail * room)
+            room, direct, expected = self._step(path, room, direct, key)
             louder = power > ECHO_MARGIN * max(expected, ring * ECHO_SLOWEST) and \
                 power > ECHO_ABOVE_NOISE * self.noise
             if louder and not suspect:
@@ -2624,6 +2628,35 @@ LIVE_CHARS = 2_000  # of a reply still streaming, the live lines show its end
 REDRAW_EVERY = 0.05  # s: the live lines are redrawn at most this often (what is typed: at once)
 
 
+class Words:
+    """The assistant's words so far, per item (the conversation's record, the screen's streaming
+    line). Deltas are kept in pieces and joined when read: a flood of deltas must not copy all
+    the words each time. An item keeps at most SHOWN_CHARS."""
+
+    def __init__(self) -> None:
+        self.pieces: dict[str, list[str]] = {}
+        self.sizes: dict[str, int] = {}
+
+    def add(self, item_id: str, delta: str) -> None:
+        size = self.sizes.get(item_id, 0)
+        if size < SHOWN_CHARS:
+            self.pieces.setdefault(item_id, []).append(delta[:SHOWN_CHARS - size])
+            self.sizes[item_id] = size + len(delta)
+
+    def set(self, item_id: str, text: str) -> None:
+        self.pieces[item_id], self.sizes[item_id] = [text[:SHOWN_CHARS]], len(text)
+
+    def get(self, item_id: str) -> str:
+        pieces = self.pieces.get(item_id) or [""]
+        if len(pieces) > 1:
+            pieces[:] = ["".join(pieces)]
+        return pieces[0]
+
+    def keep(self, item_ids: Any) -> None:
+        self.pieces = {key: value for key, value in self.pieces.items() if key in item_ids}
+        self.sizes = {key: self.sizes[key] for key in self.pieces}
+
+
 class Display:
     """Everything the person reads. Into a pipe or file: one finished line per turn. On a
     terminal, the bottom lines are live: the assistant's words as they stream, a status line and
@@ -2638,8 +2671,7 @@ class Display:
         self.err = self.out if self.live else Console(stderr=True, highlight=False, soft_wrap=True)
         self.secret = secret
         self.open_line: str | None = None  # item id whose words are streaming
-        self.partial: list[str] = []  # its words so far, in pieces: joined only when drawn
-        self.partial_chars = 0
+        self.partial = Words()  # its words so far, as shown
         self.status = ""
         self.typing = ""
         self.shown: tuple[str | None, int, str, str] | None = None
@@ -2661,7 +2693,7 @@ class Display:
         """Redraw the live lines if anything in them changed: at once for what is typed, at
         most every REDRAW_EVERY for the rest (a flood of deltas must not redraw per delta)."""
         self.status = self.clean(status)
-        state = (self.open_line, self.partial_chars, self.status, self.typing)
+        state = self._state()
         if not self.live or self.shown == state or (
                 self.shown is not None and self.shown[3] == self.typing
                 and now < self.drawn_at + REDRAW_EVERY):
@@ -2674,9 +2706,12 @@ class Display:
 
     def next_redraw(self) -> float | None:
         """When a change held back by refresh() is due."""
-        pending = self.live and self.shown != (self.open_line, self.partial_chars, self.status,
-                                               self.typing)
-        return self.drawn_at + REDRAW_EVERY if pending else None
+        return self.drawn_at + REDRAW_EVERY if self.live and self.shown != self._state() else None
+
+    def _state(self) -> tuple[str | None, int, str, str]:
+        """What the live lines show: a change of any of it is a redraw."""
+        return (self.open_line, self.partial.sizes.get(self.open_line or "", 0), self.status,
+                self.typing)
 
     def typed(self, data: bytes) -> list[str]:
         """Lines finished with Enter. On a terminal in cbreak mode we edit the line ourselves
@@ -2700,14 +2735,12 @@ class Display:
         return lines
 
     def _words(self) -> str:
-        if len(self.partial) > 1:
-            self.partial[:] = ["".join(self.partial)]
-        return self.partial[0] if self.partial else ""
+        return self.partial.get(self.open_line or "")
 
     def end_line(self) -> None:
         if self.open_line is not None:
             self.out.print(Text.assemble(("assistant: ", "bold green"), self._words()))
-            self.open_line, self.partial, self.partial_chars = None, [], 0
+            self.open_line, self.partial = None, Words()
 
     def clean(self, text: Any) -> str:
         """Text as the terminal may show it (see UNSAFE_CHARS), without the API key."""
@@ -2738,14 +2771,12 @@ class Display:
         if self.open_line != item_id:
             self.end_line()
             self.open_line = item_id
-        if self.partial_chars < SHOWN_CHARS:
-            self.partial.append(self.clean(delta)[:SHOWN_CHARS - self.partial_chars])
-            self.partial_chars += len(self.partial[-1]) or 1  # a change, even if empty
+        self.partial.add(item_id, self.clean(delta))
 
     def assistant_done(self, item_id: str, transcript: str) -> None:
         if self.open_line == item_id:
             if transcript:
-                self.partial = [self.clean(transcript[:SHOWN_CHARS])]
+                self.partial.set(item_id, self.clean(transcript[:SHOWN_CHARS]))
             self.end_line()
         elif transcript and not self.live:
             self.out.print(Text.assemble(("assistant: ", "bold green"),
@@ -2753,7 +2784,7 @@ class Display:
 
     def interrupted(self, transcript: str, heard: float) -> None:
         """Show which words were heard; the rest, never heard, is struck through."""
-        self.open_line, self.partial, self.partial_chars = None, [], 0
+        self.open_line, self.partial = None, Words()
         transcript = self.clean(transcript[:SHOWN_CHARS])
         cut = round(len(transcript) * heard)
         self.out.print(Text.assemble(("  interrupted, heard: ", "yellow"), transcript[:cut],
@@ -2790,34 +2821,6 @@ def money(cost: float | None) -> str:
 
 
 # --- The conversation: one handler per server event ----------------------------------------------
-
-class Words:
-    """The assistant's words so far, per item. Deltas are kept in pieces and joined when read: a
-    flood of deltas must not copy all the words each time. An item keeps at most SHOWN_CHARS."""
-
-    def __init__(self) -> None:
-        self.pieces: dict[str, list[str]] = {}
-        self.sizes: dict[str, int] = {}
-
-    def add(self, item_id: str, delta: str) -> None:
-        size = self.sizes.get(item_id, 0)
-        if size < SHOWN_CHARS:
-            self.pieces.setdefault(item_id, []).append(delta[:SHOWN_CHARS - size])
-            self.sizes[item_id] = size + len(delta)
-
-    def set(self, item_id: str, text: str) -> None:
-        self.pieces[item_id], self.sizes[item_id] = [text[:SHOWN_CHARS]], len(text)
-
-    def get(self, item_id: str) -> str:
-        pieces = self.pieces.get(item_id) or [""]
-        if len(pieces) > 1:
-            pieces[:] = ["".join(pieces)]
-        return pieces[0]
-
-    def keep(self, item_ids: Any) -> None:
-        self.pieces = {key: value for key, value in self.pieces.items() if key in item_ids}
-        self.sizes = {key: self.sizes[key] for key in self.pieces}
-
 
 @dataclasses.dataclass
 class Turn:

@@ -27,8 +27,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import cpu_seconds, noise  # noqa: E402
-from hostile import BROKEN_FRAMES, SKIPPED_FRAMES, Generator, dumps, frame  # noqa: E402
+from conftest import Client, cpu_seconds  # noqa: E402
+from hostile import BROKEN_FRAMES, SKIPPED_FRAMES, flood, storm  # noqa: E402
 from realtime_server import FakeRealtime, Session  # noqa: E402
 from run import environment  # noqa: E402
 from test_hostile_server import UNSAFE, strict_json  # noqa: E402
@@ -37,71 +37,45 @@ ROUNDS = list(BROKEN_FRAMES.values())
 EVENTS = 500
 
 
-def fuzz_script(seed: int) -> Any:
-    async def script(session: Session) -> None:
-        await session.handshake()
-        if session.number > len(ROUNDS):
-            while True:
-                item = (await session.expect("conversation.item.create", 3600))["item"]
-                if item.get("content", [{}])[0].get("text") == "hello after the storm":
-                    break
-            await session.expect("response.create")
-            await session.reply(noise(0.3), "All is well after the storm.")
-            await asyncio.sleep(3600)
-        for event in Generator(seed * 100 + session.number).events(EVENTS):
-            await session.ws.send(dumps(event))
-        for raw in SKIPPED_FRAMES.values():
-            session.ws.transport.write(raw)
-        session.ws.transport.write(ROUNDS[session.number - 1])
-        await asyncio.sleep(3600)
-    return script
+class Run(Client):
+    """The script against the fake API in the suite's harness, its screen kept as it ran."""
 
-
-class Run:
-    def __init__(self, script_path: Path, server: FakeRealtime, work: Path, *args: str) -> None:
+    def __init__(self, script_path: Path, server: FakeRealtime, *args: str) -> None:
+        work = Path(tempfile.mkdtemp(prefix="fuzz-"))
         env, _ = environment(work, {"OPENAI_BASE_URL": server.url, "PYTHONUNBUFFERED": "1"})
-        self.out, self.err = work / "out", work / "err"
-        self.process = subprocess.Popen(
-            [sys.executable, str(script_path), *args], cwd=work, env=env, stdin=subprocess.PIPE,
-            stdout=self.out.open("wb"), stderr=self.err.open("wb"))
+        super().__init__(work, server, list(args), env, script=script_path)
+        self.work = work
 
-    def text(self) -> str:
-        return (self.out.read_bytes() + self.err.read_bytes()).decode(errors="replace")
-
-    def wait_for(self, text: str, count: int = 1, timeout: float = 30) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.text().count(text) < count:
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                return False
-            time.sleep(0.05)
+    def seen(self, text: str, count: int = 1, timeout: float = 30) -> bool:
+        try:
+            self.wait_for(text, timeout, count)
+        except AssertionError:
+            return False
         return True
 
     def interrupt(self) -> tuple[int, float]:
         started = time.monotonic()
         self.process.send_signal(signal.SIGINT)
         try:
-            code = self.process.wait(10)
+            code = self.finish(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            code = self.process.wait()
+            code = self.finish()
         return code, (time.monotonic() - started) * 1000
 
 
 def one_seed(script_path: Path, seed: int) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="fuzz-"))
-    server = FakeRealtime(fuzz_script(seed))
-    log = work / "talk.jsonl"
-    run = Run(script_path, server, work, "--log", str(log), "--duplex", "full")
-    result: dict[str, Any] = {"reconnected": run.wait_for("connected again", len(ROUNDS), 60)}
-    assert run.process.stdin is not None
+    server = FakeRealtime(storm(seed, EVENTS))
+    run = Run(script_path, server, "--log", "talk.jsonl", "--duplex", "full")
+    log = run.work / "talk.jsonl"
+    result: dict[str, Any] = {"reconnected": run.seen("connected again", len(ROUNDS), 60)}
     try:
-        run.process.stdin.write(b"hello after the storm\n")
-        run.process.stdin.flush()
+        run.type("hello after the storm")
     except BrokenPipeError:
         pass
-    result["answered"] = run.wait_for("All is well after the storm.", timeout=20)
+    result["answered"] = run.seen("All is well after the storm.", timeout=20)
     result["code"], result["ctrl_c_ms"] = run.interrupt()
-    shown = run.out.read_bytes() + run.err.read_bytes()
+    shown = b"".join(run.out + run.err)
     result["traceback"] = b"Traceback" in shown or b"internal error" in shown
     result["unsafe"] = len(UNSAFE.findall(shown))
     try:
@@ -127,10 +101,7 @@ def burst(script_path: Path) -> tuple[float, float]:
         await session.handshake()
         await session.send("response.created", response={"id": "r"})
         await go.wait()
-        ids = '"response_id": "r", "item_id": "item_f", "output_index": 0, "content_index": 0'
-        session.ws.transport.write(b"".join(frame(0x1, (
-            f'{{"type": "response.output_audio_transcript.delta", "event_id": "d{i}", {ids}, '
-            f'"delta": "{"word " * 200}"}}').encode()) for i in range(10_000)))
+        session.ws.transport.write(flood(0, mixed=False))
         started = time.monotonic()
         try:
             await asyncio.wait_for(await session.ws.ping(), 60)
@@ -140,8 +111,8 @@ def burst(script_path: Path) -> tuple[float, float]:
         await asyncio.sleep(3600)
 
     server = FakeRealtime(script)
-    run = Run(script_path, server, Path(tempfile.mkdtemp(prefix="burst-")), "--duplex", "full")
-    run.wait_for("connected")
+    run = Run(script_path, server, "--duplex", "full")
+    run.seen("connected")
     cpu = cpu_seconds(run.process.pid)
     server._loop.call_soon_threadsafe(go.set)
     deadline = time.monotonic() + 70

@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import noise  # noqa: E402
-from hostile import frame  # noqa: E402
+from hostile import flood  # noqa: E402
 from realtime_server import FakeRealtime, Session  # noqa: E402
 from run import environment, pct  # noqa: E402
 from test_connecting import Stub  # noqa: E402
@@ -57,22 +57,12 @@ async def drop_then_hold(session: Session) -> None:
 
 
 async def floods(session: Session) -> None:
-    """Every 2 s, 10,000 events in one write: 1 KB transcript deltas of one item (10 MB of
-    words), every tenth a response.done or a transcript of the person's."""
+    """Every 2 s, 10,000 events in one write (hostile.flood: 1 KB transcript deltas of one item,
+    every tenth a response.done or a transcript of the person's)."""
     await session.handshake()
     for burst in range(100):
         await session.send("response.created", response={"id": f"r{burst}"})
-        ids = f'"response_id": "r{burst}", "item_id": "item_{burst}", "output_index": 0, ' \
-              '"content_index": 0'
-        events = [f'{{"type": "response.output_audio_transcript.delta", "event_id": "d{burst}_{i}", '
-                  f'{ids}, "delta": "{"word " * 200}"}}' if i % 10 else
-                  f'{{"type": "response.done", "event_id": "r{burst}_{i}", "response": {{"id": "x", '
-                  f'"status": "completed", "usage": {{"input_tokens": 1, "output_tokens": 1}}}}}}'
-                  if i % 20 else
-                  f'{{"type": "conversation.item.input_audio_transcription.completed", '
-                  f'"event_id": "t{burst}_{i}", "item_id": "u", "content_index": 0, '
-                  f'"transcript": "flood"}}' for i in range(10_000)]
-        session.ws.transport.write(b"".join(frame(0x1, event.encode()) for event in events))
+        session.ws.transport.write(flood(burst, mixed=True, response=f"r{burst}"))
         await asyncio.sleep(2)
 
 

@@ -6,6 +6,7 @@ bench/fuzz.py, which runs many more seeds."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -13,8 +14,9 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from conftest import noise
 from pydantic import BaseModel
-from realtime_server import SERVER_EVENTS
+from realtime_server import SERVER_EVENTS, Script, Session
 
 # What a server's text may try on a terminal: colours, clearing the screen, the window title, a
 # query the terminal answers into stdin, C1 controls, NUL and DEL, reversed text, a lone
@@ -128,3 +130,47 @@ SKIPPED_FRAMES = {
     "an empty text frame": frame(0x1, b""),
     "Infinity alone": frame(0x1, b"Infinity"),
 }
+
+
+def storm(seed: int, events: int) -> Script:
+    """A fake API's script: each session gets `events` odd events (Generator(seed * 100 + its
+    number)), the frames that are no event, and one that breaks the protocol, so the client hangs
+    up and reconnects; the session after the last of BROKEN_FRAMES answers "hello after the
+    storm" with "All is well after the storm."."""
+    rounds = list(BROKEN_FRAMES.values())
+
+    async def script(session: Session) -> None:
+        await session.handshake()
+        if session.number > len(rounds):
+            while True:
+                item = (await session.expect("conversation.item.create", 60))["item"]
+                if item.get("content", [{}])[0].get("text") == "hello after the storm":
+                    break
+            await session.expect("response.create")
+            await session.reply(noise(0.3), "All is well after the storm.")
+            await asyncio.sleep(3600)
+        for event in Generator(seed * 100 + session.number).events(events):
+            await session.ws.send(dumps(event))
+        for raw in SKIPPED_FRAMES.values():
+            session.ws.transport.write(raw)
+        session.ws.transport.write(rounds[session.number - 1])  # the client must hang up
+        await asyncio.sleep(3600)
+    return script
+
+
+def flood(burst: int, mixed: bool, response: str = "r", count: int = 10_000) -> bytes:
+    """`count` events as raw frames, for one write: 1 KB transcript deltas of `response`'s item
+    `item_<response>` (10 MB of words in 10,000); with `mixed`, every tenth is instead a
+    response.done, every twentieth a transcript of the person's ("flood"). `burst` keeps the
+    event ids apart from another burst's."""
+    ids = f'"response_id": "{response}", "item_id": "item_{response}", "output_index": 0, ' \
+          '"content_index": 0'
+    events = [f'{{"type": "response.output_audio_transcript.delta", "event_id": "d{burst}_{i}", '
+              f'{ids}, "delta": "{"word " * 200}"}}' if not mixed or i % 10 else
+              f'{{"type": "response.done", "event_id": "r{burst}_{i}", "response": {{"id": "x", '
+              f'"status": "completed", "usage": {{"input_tokens": 1, "output_tokens": 1}}}}}}'
+              if i % 20 else
+              f'{{"type": "conversation.item.input_audio_transcription.completed", '
+              f'"event_id": "t{burst}_{i}", "item_id": "u", "content_index": 0, '
+              f'"transcript": "flood"}}' for i in range(count)]
+    return b"".join(frame(0x1, event.encode()) for event in events)

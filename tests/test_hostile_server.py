@@ -13,7 +13,7 @@ import time
 
 import pytest
 from conftest import API_KEY, assert_no_orphans, noise
-from hostile import BROKEN_FRAMES, SKIPPED_FRAMES, Generator, dumps, frame
+from hostile import BROKEN_FRAMES, Generator, dumps, flood, storm
 from realtime_server import SERVER_EVENTS
 from test_terminal import Terminal
 
@@ -47,32 +47,11 @@ def assert_nothing_unsafe_shown(client):
     assert API_KEY.encode() not in shown
 
 
-async def answer_after_the_storm(session, audio=None):
-    while True:
-        item = (await session.expect("conversation.item.create"))["item"]
-        if item.get("content", [{}])[0].get("text") == "hello after the storm":
-            break
-    await session.expect("response.create")
-    await session.reply(audio or noise(0.3), "All is well after the storm.")
-
-
 def test_a_hostile_server_can_neither_crash_nor_stall_nor_take_over_the_screen(
         serve, run_client, tmp_path):
     log = tmp_path / "talk.jsonl"
-
-    async def script(session):
-        await session.handshake()
-        if session.number > len(ROUNDS):
-            await answer_after_the_storm(session)
-            await asyncio.sleep(3600)
-        for event in Generator(seed=session.number).events(EVENTS_PER_ROUND):
-            await session.ws.send(dumps(event))
-        for raw in SKIPPED_FRAMES.values():
-            session.ws.transport.write(raw)
-        session.ws.transport.write(ROUNDS[session.number - 1][1])  # the client must hang up
-        await asyncio.sleep(3600)
-
-    client = run_client(serve(script), "--log", str(log), "--duplex", "full")
+    client = run_client(serve(storm(seed=0, events=EVENTS_PER_ROUND)), "--log", str(log),
+                        "--duplex", "full")
     client.wait_for("connected again", count=len(ROUNDS), timeout=60)
     client.type("hello after the storm")
     client.wait_for("assistant: All is well after the storm.")
@@ -149,27 +128,15 @@ def test_a_flood_of_small_events_never_holds_the_loop(serve, run_client, tmp_pat
     pings: list[float] = []
     bursts = asyncio.Event()
 
-    def burst(n: int) -> bytes:
-        ids = '"response_id": "resp_f", "item_id": "item_f", "output_index": 0, "content_index": 0'
-        events = [f'{{"type": "response.output_audio_transcript.delta", "event_id": "d{n}_{i}", '
-                  f'{ids}, "delta": "{"word " * 200}"}}' if n == 1 or i % 10 else
-                  f'{{"type": "response.done", "event_id": "r{n}_{i}", "response": {{"id": "r", '
-                  f'"status": "completed", "usage": {{"input_tokens": 1, "output_tokens": 1}}}}}}'
-                  if i % 20 else
-                  f'{{"type": "conversation.item.input_audio_transcription.completed", '
-                  f'"event_id": "t{n}_{i}", "item_id": "u", "content_index": 0, '
-                  f'"transcript": "flood"}}' for i in range(10_000)]
-        return b"".join(frame(0x1, event.encode()) for event in events)
-
     async def script(session):
         await session.handshake()
         await session.send("response.created", response={"id": "resp_f"})
         await bursts.wait()
-        session.ws.transport.write(burst(1))  # 10 MB in one go
+        session.ws.transport.write(flood(1, mixed=False, response="resp_f"))  # 10 MB in one go
         started = time.monotonic()
         await asyncio.wait_for(await session.ws.ping(), 10)  # behind the whole burst
         pings.append(time.monotonic() - started)
-        session.ws.transport.write(burst(2))
+        session.ws.transport.write(flood(2, mixed=True, response="resp_f"))
         await asyncio.sleep(3600)
 
     server = serve(script)
