@@ -818,8 +818,9 @@ ECHO_TAIL = 1.0  # s after the assistant's sound in which the microphone may sti
 ECHO_RECENT = 30  # bins (300 ms) that tell whether the echo came back (headphones unplugged)
 ECHO_DECAYS = (100, 200, 300, 450, 650, 900)  # ms: the room tails (RT60) it tries
 ECHO_SLOWEST = 10 ** (-6 * ECHO_BIN * 1000 / 900)  # a bin's fall in the longest-ringing room
-ECHO_MARGIN = 10 ** 0.45  # power: the person is 4.5 dB above the (calibrated) echo...
-ECHO_FRAMES = 3  # ...in this many 20 ms frames in a row (one fewer at 12 dB above)
+ECHO_MARGIN = 10 ** 0.45  # power: 4.5 dB above the (calibrated) echo may be the person: not learned
+ECHO_PERSON = 10 ** 0.35  # the person: 3.5 dB above it over this many 20 ms frames in a row...
+ECHO_FRAMES = 3  # ...each above it (or two, each 9 dB above)
 ECHO_ABOVE_NOISE = 10.0  # ...and 10 dB above the room's noise
 ECHO_CALIBRATION = 0.99  # the share of echo-only frames the prediction must cover
 ECHO_PREROLL = 0.36  # s of microphone audio sent at a barge-in: the words before it was sure
@@ -933,7 +934,8 @@ class EchoGuard:
         self.ring = 0.0  # the echo the microphone heard, fading as slowly as any room rings
         self.recent: collections.deque[tuple[float, float]] = collections.deque(
             maxlen=ECHO_RECENT)  # (heard, expected) of the last bins
-        self.loud_frames = self.very_loud = 0
+        self.above: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=ECHO_FRAMES)  # (heard, expected) of the frames in a row above the prediction
         self.bins_heard = 0
         self.person = False  # speaking over the assistant, until the next reply plays
         self.interrupted_at = -math.inf
@@ -1029,20 +1031,27 @@ class EchoGuard:
             self.heard.clear()  # learnt afresh from the echo as it is now, not the silence before
             return self.HOLD
         if self.person or self.no_echo or not audible:
-            self.loud_frames = 0
+            self.above.clear()
             return self.PASS
         if self.path is None:  # still learning the room: the microphone is the assistant's
             return self.HOLD
         if not self.learned and not self._fits_remembered(heard, expected, noise):
             return self.HOLD
-        loud = heard > ECHO_MARGIN * expected and heard > ECHO_ABOVE_NOISE * noise and \
-            heard > ringing
-        self.loud_frames = self.loud_frames + 1 if loud else 0
-        self.very_loud = self.very_loud + 1 if heard > ECHO_MARGIN ** 2 * expected else 0
-        if self.loud_frames < ECHO_FRAMES and (not loud or self.very_loud < ECHO_FRAMES - 1):
+        if heard > expected and heard > ECHO_ABOVE_NOISE * noise and heard > ringing:
+            self.above.append((heard, expected))
+        else:
+            self.above.clear()
+        # A voice is louder than the echo for a while; the prediction's misses are short. So it
+        # takes three frames above the prediction, together a margin above it (a first word
+        # often starts under a loud syllable of the assistant's), or two far above it.
+        louder = len(self.above) == ECHO_FRAMES and \
+            sum(heard for heard, _ in self.above) > ECHO_PERSON * sum(most for _, most in self.above)
+        far_louder = len(self.above) >= 2 and all(
+            heard > ECHO_MARGIN ** 2 * most for heard, most in list(self.above)[-2:])
+        if not louder and not far_louder:
             echo_left = expected > 2 * noise or captured < self.audible_until
             return self.HOLD if echo_left else self.PASS
-        self.loud_frames = 0
+        self.above.clear()
         self.person = True
         self.interrupted_at = captured
         return self.PERSON

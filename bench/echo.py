@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import random
 import statistics
 import sys
@@ -170,6 +171,11 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true",
                         help="only the CPU of each mode, 1 minute of the assistant in a -12 dB room")
     args = parser.parse_args()
+    # PulseAudio 16 can abort (memblock.c: "n_imported > 0" failed) after hours of clients
+    # coming and going with shared memory; through the socket, every client of the run is safe.
+    client_conf = FilePath(tempfile.mkdtemp(prefix="echo-pulse-")) / "client.conf"
+    client_conf.write_text("enable-shm = no\n")
+    os.environ["PULSE_CLIENTCONFIG"] = str(client_conf)
     reason = why_no_real_audio()
     if reason:
         print(f"bench/echo.py needs real audio: {reason}", file=sys.stderr)
