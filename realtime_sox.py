@@ -29,6 +29,7 @@ import codecs
 import collections
 import contextlib
 import dataclasses
+import datetime
 import email.utils
 import errno
 import fcntl
@@ -77,8 +78,9 @@ PLAYER_ARGS = ["--type", "raw", "--rate", "24000", "--encoding", "signed-integer
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_MODEL = "gpt-realtime-2.1"
+XAI_MODEL = "grok-voice-latest"
 DEFAULT_VOICE = "echo"  # the article's voice
-DEFAULT_TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"  # retires 2027-02-26: then gpt-transcribe
+DEFAULT_TRANSCRIPTION_MODEL = "gpt-transcribe"  # the gpt-4o transcribers shut down 2027-02-26
 DEFAULT_INSTRUCTIONS = ("You are a friendly voice assistant in a terminal. Keep answers short and "
                         "conversational; the person hears you rather than reads you.")
 VOICES = ["alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"]
@@ -95,6 +97,46 @@ PRICES: dict[str, Prices] = {
     "gpt-realtime-mini": (10.00, 0.30, 20.00, 0.60, 0.06, 2.40, 0.80),
 }
 
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """What differs between the endpoints that speak this protocol: where they are, how the key
+    is sent, the session's shape, and what they support."""
+    name: str
+    base_url: str  # "" when each customer has their own (Azure)
+    key_variables: tuple[str, ...]  # where the key is looked for, first to last
+    key_header: str  # "Authorization" (a Bearer token) or "api-key"
+    voices: tuple[str, ...]
+    default_voice: str
+    flat_session: bool = False  # xAI: the session's fields at the top, not under "audio"
+    truncates: bool = True  # takes conversation.item.truncate: what was heard of a reply
+    lists_models: bool = True  # GET /models/{id} tells a model's shutdown date
+    per_minute: float | None = None  # USD a minute of connection, where tokens are not billed
+    default_transcription: str = DEFAULT_TRANSCRIPTION_MODEL
+    title: str = "OpenAI"
+
+
+PROVIDERS = {
+    "openai": Provider("openai", DEFAULT_BASE_URL, ("OPENAI_API_KEY",), "Authorization",
+                       tuple(VOICES), DEFAULT_VOICE),
+    # Azure OpenAI's GA path: /openai/v1/realtime?model=<deployment>, no api-version. The model
+    # is the deployment's name, and so is the transcription model (none unless one is named).
+    "azure": Provider("azure", "", ("AZURE_OPENAI_API_KEY", "OPENAI_API_KEY",
+                                    "AZURE_OPENAI_AD_TOKEN"), "api-key",
+                      tuple(VOICES), DEFAULT_VOICE, lists_models=False,
+                      default_transcription="none", title="Azure OpenAI"),
+    # xAI's Grok voice: the same events, a flat session, no truncate, $0.05 a minute.
+    "xai": Provider("xai", "https://api.x.ai/v1", ("XAI_API_KEY", "OPENAI_API_KEY"),
+                    "Authorization", ("Eve", "Ara", "Rex", "Sal", "Leo"), "Eve",
+                    flat_session=True, truncates=False, lists_models=False, per_minute=0.05,
+                    default_transcription="none", title="xAI"),
+}
+AZURE_HOSTS = (".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com")
+# Announced replacements, named when a model's shutdown is near (the API gives only the date).
+REPLACEMENTS = {"gpt-realtime": "gpt-realtime-2.1", "gpt-realtime-mini": "gpt-realtime-2.1-mini",
+                "whisper-1": "gpt-transcribe", "gpt-4o-transcribe": "gpt-transcribe",
+                "gpt-4o-mini-transcribe": "gpt-transcribe"}
+SHUTDOWN_WARNING_DAYS = 90
 
 # Keeping a conversation alive (see Link).
 CONNECT_TIMEOUT = 10  # s to open a connection (all its steps), and as long again for the session
@@ -164,6 +206,7 @@ BLUETOOTH_BUFFER = 4096
 class Config:
     api_key: str
     url: str
+    provider: Provider
     model: str
     voice: str
     instructions: str
@@ -196,18 +239,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Talk with an OpenAI Realtime model through sox. Type a line and press Enter to "
                     "send text; an empty line interrupts the assistant. Ctrl-C quits.")
     add = parser.add_argument
-    add("--base-url", default=env("OPENAI_BASE_URL", DEFAULT_BASE_URL),
-        help="API base URL [env OPENAI_BASE_URL; default %(default)s]")
-    add("--model", default=env("REALTIME_MODEL", DEFAULT_MODEL),
-        help="Realtime model [env REALTIME_MODEL; default %(default)s]")
-    add("--voice", default=env("REALTIME_VOICE", DEFAULT_VOICE),
-        help=f"assistant voice, one of {', '.join(VOICES)} [env REALTIME_VOICE; default %(default)s]")
+    add("--provider", choices=["auto", *PROVIDERS], default=env("REALTIME_PROVIDER", "auto"),
+        help="whose API: 'auto' tells it by the base URL's host (*.openai.azure.com is azure, "
+             "api.x.ai is xai) [env REALTIME_PROVIDER; default %(default)s]")
+    add("--base-url", default=os.environ.get("OPENAI_BASE_URL", ""),
+        help=f"API base URL [env OPENAI_BASE_URL, or AZURE_OPENAI_ENDPOINT; default "
+             f"{DEFAULT_BASE_URL}, or xai's {PROVIDERS['xai'].base_url}]")
+    add("--model", "--deployment", default=env("REALTIME_MODEL", ""),
+        help=f"Realtime model; on Azure, the deployment's name [env REALTIME_MODEL; default "
+             f"{DEFAULT_MODEL}, or xai's {XAI_MODEL}]")
+    add("--price-model", default=env("REALTIME_PRICE_MODEL", ""), metavar="MODEL",
+        help="whose prices the costs are counted at, when --model is a name this script does "
+             "not know, such as an Azure deployment's [env REALTIME_PRICE_MODEL; default: "
+             "--model]")
+    add("--voice", default=env("REALTIME_VOICE", ""),
+        help=f"assistant voice, one of {', '.join(VOICES)} (xai: "
+             f"{', '.join(PROVIDERS['xai'].voices)}) [env REALTIME_VOICE; default "
+             f"{DEFAULT_VOICE}, xai's {PROVIDERS['xai'].default_voice}]")
     add("--instructions", default=env("REALTIME_INSTRUCTIONS", DEFAULT_INSTRUCTIONS),
         help="system instructions [env REALTIME_INSTRUCTIONS]")
-    add("--transcription-model", default=env("REALTIME_TRANSCRIPTION_MODEL",
-                                             DEFAULT_TRANSCRIPTION_MODEL),
-        help="model that transcribes your speech, or 'none' [env REALTIME_TRANSCRIPTION_MODEL; "
-             "default %(default)s]")
+    add("--transcription-model", default=env("REALTIME_TRANSCRIPTION_MODEL", ""),
+        help="model that transcribes your speech, or 'none'; on Azure, a transcription "
+             "deployment's name [env REALTIME_TRANSCRIPTION_MODEL; default "
+             f"{DEFAULT_TRANSCRIPTION_MODEL}, none on azure and xai]")
     add("--turn-detection", choices=["server_vad", "semantic_vad", "none"],
         default=env("REALTIME_TURN_DETECTION", "server_vad"),
         help="who decides when you stopped talking; with 'none', Enter ends your turn "
@@ -296,9 +350,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                      "must be more than 0 seconds")
     if not 0 <= args.reconnect_tries <= 100:
         parser.error("--reconnect-tries must be from 0 to 100")
-    if args.voice not in VOICES:
-        parser.error(f"--voice must be one of {', '.join(VOICES)}")
+    args.provider, args.base_url = provider_and_base_url(args.provider, args.base_url)
+    provider = PROVIDERS[args.provider]
+    args.model = args.model or (XAI_MODEL if provider.name == "xai" else DEFAULT_MODEL)
+    args.voice = args.voice or provider.default_voice
+    args.transcription_model = args.transcription_model or provider.default_transcription
+    if args.voice not in provider.voices:
+        parser.error(f"--voice must be one of {', '.join(provider.voices)}"
+                     f"{'' if provider.name == 'openai' else ' on ' + provider.name}")
+    if args.model.startswith("gpt-live"):
+        raise Fatal(f"{args.model} is served by OpenAI's GPT-Live API (/v1/live/sessions), not "
+                    f"the Realtime API this script speaks: use --model {DEFAULT_MODEL}", Exit.USAGE)
     return args
+
+
+def provider_and_base_url(chosen: str, base_url: str) -> tuple[str, str]:
+    """The provider (told by the base URL's host unless chosen) and its base URL."""
+    if not base_url and chosen in ("auto", "azure"):
+        base_url = os.environ.get("AZURE_OPENAI_ENDPOINT", "")
+    host = (urllib.parse.urlsplit(base_url).hostname or "").lower()
+    if chosen == "auto":
+        chosen = "azure" if host.endswith(AZURE_HOSTS) else "xai" if host == "api.x.ai" \
+            else "openai"
+    base_url = base_url or PROVIDERS[chosen].base_url
+    if not base_url:
+        raise Fatal("Azure needs your resource's endpoint: set AZURE_OPENAI_ENDPOINT (or "
+                    "--base-url) to https://<resource>.openai.azure.com", Exit.USAGE)
+    parts = urllib.parse.urlsplit(base_url)
+    if chosen == "azure" and parts.path.strip("/") in ("", "openai"):
+        base_url = urllib.parse.urlunsplit((*parts[:2], "/openai/v1", "", ""))  # the GA path
+    return chosen, base_url
 
 
 def realtime_url(base_url: str, model: str) -> str:
@@ -316,6 +397,15 @@ def realtime_url(base_url: str, model: str) -> str:
                                     query, ""))
 
 
+def auth_header(config: Config) -> str:
+    """The key as its provider takes it: Azure's `api-key`, or a Bearer token (as an Entra ID
+    token in AZURE_OPENAI_AD_TOKEN is sent to Azure)."""
+    entra_token = os.environ.get("AZURE_OPENAI_AD_TOKEN", "").strip()
+    if config.provider.key_header == "api-key" and config.api_key != entra_token:
+        return f"api-key: {config.api_key}"
+    return f"Authorization: Bearer {config.api_key}"
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -325,25 +415,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def api_key(env_file: Path) -> str:
+def api_key(env_file: Path, provider: Provider) -> str:
     """The key from the environment or .env; asked for (and optionally saved) on a terminal."""
-    key = os.environ.get("OPENAI_API_KEY", "").strip()
-    if key:
-        return key
+    for name in provider.key_variables:
+        if os.environ.get(name, "").strip():
+            return os.environ[name].strip()
+    variable = provider.key_variables[0]
     if not sys.stdin.isatty():
-        raise Fatal("OPENAI_API_KEY is not set: copy .env.example to .env and put your key in it, "
-                    "or export OPENAI_API_KEY", Exit.NO_KEY)
+        raise Fatal(f"{variable} is not set: copy .env.example to .env and put your key in it, "
+                    f"or export {variable}", Exit.NO_KEY)
     try:
-        key = getpass.getpass("OpenAI API key (input hidden): ").strip()
+        key = getpass.getpass(f"{provider.title} API key (input hidden): ").strip()
         if key and input(f"Save it to {env_file} (readable only by you)? [y/N] ").lower() == "y":
             with os.fdopen(os.open(env_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as f:
-                f.write(f"OPENAI_API_KEY={key}\n")
+                f.write(f"{variable}={key}\n")
             os.chmod(env_file, 0o600)
     except (EOFError, KeyboardInterrupt):
         key = ""
     if not key:
-        raise Fatal("no API key given; create one at https://platform.openai.com/api-keys",
-                    Exit.NO_KEY)
+        raise Fatal(f"no API key given; set {variable}", Exit.NO_KEY)
     return key
 
 
@@ -359,13 +449,16 @@ def plumbing_for(args: argparse.Namespace) -> Plumbing:
 
 
 def load_config(args: argparse.Namespace, env_file: Path) -> Config:
+    provider = PROVIDERS[args.provider]
     url = realtime_url(args.base_url, args.model)
-    prices = prices_for(args.model)
-    if args.max_cost is not None and prices is None:
-        raise Fatal(f"--max-cost needs the prices of {args.model}, which this script does not "
-                    "know: set REALTIME_PRICES (see the README)", Exit.USAGE)
+    prices = prices_for(args.price_model or args.model)
+    if args.max_cost is not None and prices is None and provider.per_minute is None:
+        raise Fatal(f"--max-cost needs the prices of {args.price_model or args.model}, which this "
+                    "script does not know: name a model it knows with --price-model, or set "
+                    "REALTIME_PRICES (see the README)", Exit.USAGE)
     return Config(
-        api_key=api_key(env_file), url=url, model=args.model, voice=args.voice,
+        api_key=api_key(env_file, provider), url=url, model=args.model, voice=args.voice,
+        provider=provider,
         instructions=args.instructions, transcription_model=args.transcription_model,
         turn_detection=args.turn_detection, vad_threshold=args.vad_threshold,
         noise_reduction=args.noise_reduction, duplex=duplex_for(args), keepalive=args.keepalive,
@@ -453,6 +546,10 @@ def session_config(config: Config, tools: list[dict[str, Any]] | None = None) ->
     body = {"type": "realtime", "instructions": config.instructions,
             "output_modalities": ["audio"],
             "audio": {"input": audio_in, "output": {"format": pcm, "voice": config.voice}}}
+    if config.provider.flat_session:  # xAI's: the fields at the top, 24 kHz asked for both ways
+        body = {"instructions": config.instructions, "voice": config.voice,
+                "turn_detection": audio_in["turn_detection"],
+                "audio": {"input": {"format": pcm}, "output": {"format": pcm}}}
     return body if tools is None else {**body, "tools": tools}
 
 
@@ -1419,9 +1516,9 @@ class Connection:
     MAX_MESSAGE = 32 * 1024 * 1024
     MAX_ANSWER = 64 * 1024  # an HTTP answer's head and error body; a portal's page can be long
 
-    def __init__(self, url: str, api_key: str, tls: ssl.SSLContext | None,
+    def __init__(self, url: str, auth: str, tls: ssl.SSLContext | None,
                  addresses: list[Address], timeout: float, now: float) -> None:
-        self.url, self.api_key, self.tls, self.timeout = url, api_key, tls, timeout
+        self.url, self.auth, self.tls, self.timeout = url, auth, tls, timeout
         self.host, self.port, self.resource, secure = websocket._url.parse_url(url)
         proxy_host, proxy_port, self.proxy_auth = (None, 0, None) if is_loopback(self.host) \
             else websocket._url.get_proxy_info(self.host, secure)  # https_proxy, no_proxy
@@ -1601,11 +1698,10 @@ class Connection:
 
     # upgrading
     def _start_upgrade(self) -> None:
-        """The HTTP upgrade with only the Authorization header (never the retired OpenAI-Beta)."""
+        """The HTTP upgrade with only the key's header (never the retired OpenAI-Beta)."""
         self.phase = "upgrading"
         lines, self.key = websocket._handshake._get_handshake_headers(
-            self.resource, self.url, self.host, self.port,
-            {"header": [f"Authorization: Bearer {self.api_key}"]})
+            self.resource, self.url, self.host, self.port, {"header": [self.auth]})
         self.outbox += "\r\n".join(lines).encode()
         self.flush()
 
@@ -1871,7 +1967,7 @@ class Link:
     and hears from `tick()` when a connection was lost."""
 
     def __init__(self, config: Config, display: Display) -> None:
-        self.url, self.api_key, self.keepalive = config.url, config.api_key, config.keepalive
+        self.url, self.auth, self.keepalive = config.url, auth_header(config), config.keepalive
         self.timeout, self.most_tries = config.connect_timeout, config.reconnect_tries
         # Certificate checks as everywhere (SSL_CERT_FILE is honoured), never switched off.
         self.tls = ssl.create_default_context() if config.url.startswith("wss:") else None
@@ -1885,9 +1981,11 @@ class Link:
         self.tries = 0
         self.quick_ends = 0  # sessions in a row that ended within a minute: the 2nd backs off
         self.rolling_over = False
+        self.seconds_before = 0.0  # the earlier sessions' time, billed by the minute on xAI
+        self.session_since: float | None = None
 
     def open(self, now: float) -> None:
-        self.connection = Connection(self.url, self.api_key, self.tls, self.addresses,
+        self.connection = Connection(self.url, self.auth, self.tls, self.addresses,
                                      self.timeout, now)
         self.ready = False
 
@@ -1922,6 +2020,7 @@ class Link:
             return False
         self.ready, self.tries = True, 0
         self.sessions += 1
+        self.session_since = time.monotonic()
         if self.connection is not None:
             self.addresses = self.connection.resolved
         return True
@@ -1957,8 +2056,18 @@ class Link:
             connection.close(wait=False)  # politely, with 1000
             connection.dropped = "the session is about to expire"
 
+    def minutes(self, now: float) -> float:
+        """Of sessions, so far."""
+        since = self.session_since
+        return (self.seconds_before + (now - since if since is not None else 0.0)) / 60
+
+    def _session_ended(self, now: float) -> None:
+        self.seconds_before = self.minutes(now) * 60
+        self.session_since = None
+
     def _lost(self, now: float) -> str:
         assert self.connection is not None
+        self._session_ended(now)
         connection, self.connection, self.ready = self.connection, None, False
         connection.close(wait=False)
         reason = connection.dropped or ""
@@ -2026,8 +2135,95 @@ class Link:
         return f"{what[connection.phase]} {connection.host}… {now - connection.started:.0f} s"
 
     def close(self) -> None:
+        self._session_ended(time.monotonic())
         if self.connection is not None:
             self.connection.close()
+
+
+# --- Models going away ---------------------------------------------------------------------------
+
+# OpenAI's GET /models/{id} gives a model's shutdown date. Asked once at start-up, by a child
+# process as the name lookup is: an HTTP request would hold the loop. The key goes to the API's
+# host only: redirects are not followed.
+MODELS_CHECK = """\
+import sys, urllib.parse, urllib.request
+class Stay(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):
+        return None
+opener = urllib.request.build_opener(Stay)
+name, _, value = sys.stdin.readline().rstrip("\\n").partition(": ")
+for model in sys.argv[2:]:
+    url = sys.argv[1] + "/models/" + urllib.parse.quote(model, safe="")
+    try:
+        with opener.open(urllib.request.Request(url, headers={name: value}), timeout=5) as answer:
+            print(answer.read(65536).decode("utf-8", "replace").replace("\\n", " "), flush=True)
+    except Exception:
+        print("{}", flush=True)
+"""
+
+
+class ModelCheck:
+    """One line of warning when the model or the transcription model shuts down within 90 days
+    (or has), naming its replacement. Nothing when the API does not say, or cannot be asked."""
+
+    def __init__(self, config: Config, display: Display) -> None:
+        self.display = display
+        self.models = [config.model] + ([config.transcription_model]
+                                        if config.transcription_model != "none" else [])
+        self.answer = bytearray()
+        self.selector: selectors.BaseSelector | None = None
+        base = urllib.parse.urlsplit(config.url)
+        api = urllib.parse.urlunsplit(({"wss": "https", "ws": "http"}[base.scheme], base.netloc,
+                                       base.path.removesuffix("/realtime"), "", ""))
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", MODELS_CHECK, api, *self.models],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        assert self.process.stdin is not None
+        with contextlib.suppress(OSError):  # a few bytes: the pipe takes them at once
+            self.process.stdin.write(auth_header(config).encode() + b"\n")
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+
+    def watch(self, selector: selectors.BaseSelector) -> None:
+        assert self.process.stdout is not None
+        self.selector = selector
+        selector.register(self.process.stdout, selectors.EVENT_READ, self.on_readable)
+
+    def on_readable(self, fd: int) -> None:
+        chunk = read_available(fd)
+        if chunk:
+            self.answer += chunk[:256 * 1024 - len(self.answer)]
+            return
+        if chunk is None:
+            return
+        assert self.selector is not None
+        self.selector.unregister(fd)
+        self.close()
+        for model, line in zip(self.models, self.answer.decode("utf-8", "replace").splitlines(),
+                               strict=False):
+            self._warn(model, line, model != self.models[0])
+
+    def _warn(self, model: str, answer: str, transcription: bool) -> None:
+        try:
+            date = datetime.date.fromisoformat(str((parse_json(answer) or {})["shutdown_date"]))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return  # no date (null, absent, not JSON): nothing announced
+        days = (date - datetime.date(*time.gmtime()[:3])).days
+        if days > SHUTDOWN_WARNING_DAYS:
+            return
+        when = f"shut down on {date}" if days < 0 else f"shuts down on {date}, in {days} days"
+        flag = "--transcription-model" if transcription else "--model"
+        instead = REPLACEMENTS.get(model)
+        self.display.warn(f"{model} {when}" + (f": use {flag} {instead}" if instead else ""))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for pipe in (self.process.stdout, self.process.stdin):
+            if pipe is not None:
+                pipe.close()
 
 
 # --- Tools: MCP servers, by voice -----------------------------------------------------------------
@@ -2600,12 +2796,59 @@ def tool_output(result: dict[str, Any]) -> str:
 
 # --- Output ---------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Usage:
-    responses: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost: float | None = 0.0
+class Spend:
+    """What the session has cost: by the token, response by response, or by the minute of
+    connection (xAI). Held to --max-cost: a warning at 80 %, and at 100 % the reason to end."""
+
+    def __init__(self, config: Config, display: Display) -> None:
+        self.prices, self.per_minute = config.prices, config.provider.per_minute
+        self.budget = config.max_cost
+        self.display = display
+        self.responses = self.input_tokens = self.output_tokens = 0
+        self.cost: float | None = 0.0  # None once a response's cost is unknown
+        self.warned = False
+
+    def cost_of(self, usage: dict[str, Any] | None) -> float | None:
+        """A response's cost, from its checked usage; None by the minute, or for unknown prices."""
+        return response_cost(self.prices, usage) if usage and self.per_minute is None else None
+
+    def count(self, usage: dict[str, Any] | None, minutes: float) -> None:
+        """A response: its checked usage (None if it had none), shown with what it cost."""
+        self.responses += 1
+        if usage is not None:
+            self.input_tokens += usage["input_tokens"]
+            self.output_tokens += usage["output_tokens"]
+        if self.per_minute is None:
+            cost = self.cost_of(usage)
+            self.cost = None if cost is None or self.cost is None else self.cost + cost
+            if usage is not None:
+                self.display.usage(usage, cost)
+            return
+        self.connected(minutes)
+        self.display.info(f"  {money(self.cost)} so far · {minutes:.1f} min connected, at "
+                          f"${self.per_minute:.2f} a minute")
+
+    def connected(self, minutes: float) -> None:
+        """Billed by the minute, the time counts whether anyone talks or not."""
+        if self.per_minute is not None:
+            self.cost = minutes * self.per_minute
+
+    def over_budget(self) -> str | None:
+        """Why the session ends, once the spend reaches --max-cost; a warning at 80 % first."""
+        budget, spent = self.budget, self.cost
+        if budget is None or spent is None:
+            return None
+        if spent >= budget:
+            return f"stopped: this session has cost ${spent:.4f}, reaching --max-cost ${budget:.4f}"
+        if spent >= 0.8 * budget and not self.warned:
+            self.warned = True
+            self.display.warn(f"{spent / budget:.0%} of --max-cost ${budget:.4f} used "
+                              f"(${spent:.4f}); the session ends when it is reached")
+        return None
+
+    def status(self) -> str:
+        return f"{money(self.cost)} so far" + (
+            f" of ${self.budget:.2f}" if self.budget is not None else "")
 
 
 def response_cost(prices: Prices | None, usage: dict[str, Any]) -> float | None:
@@ -2819,7 +3062,7 @@ class Display:
                   f"out {usage['output_tokens']} (text {out['text_tokens']}, "
                   f"audio {out['audio_tokens']}) · {money(cost)}")
 
-    def totals(self, total: Usage) -> None:
+    def totals(self, total: Spend) -> None:
         self.end_line()
         self.info(f"session: {total.responses} responses · {total.input_tokens} tokens in · "
                   f"{total.output_tokens} out · {money(total.cost)}")
@@ -2852,7 +3095,6 @@ class Conversation:
         self.history: list[Turn] = []
         self.ending: str | None = None  # why we stop once the received audio has played
         self.restarted: set[str] = set()  # sox roles restarted once already
-        self.warned_cost = False
         self.recorder = recorder
         self.player = player
         self.display = display
@@ -2864,7 +3106,7 @@ class Conversation:
         self.user_speaking = False
         self.interrupted: set[str] = set()  # items whose late audio and words we drop
         self.transcripts = Words()
-        self.total = Usage()
+        self.spend = Spend(config, display)
 
     def send(self, event: dict[str, Any]) -> None:
         self.link.send(event)
@@ -2873,13 +3115,17 @@ class Conversation:
         """Timers: the end after the last words, and the link's (see Link.tick)."""
         if self.ending and not self.player.busy(now):  # the last words play to their end
             raise Stop(self.ending)
+        if self.config.provider.per_minute is not None and not self.ending:
+            self.spend.connected(self.link.minutes(now))
+            self.end_if_over_budget()
         if self.link.tick(now, self.at_turn_boundary(now)) is not None:
             self.on_connection_lost()
         self.watch_sox(now)
         self.tools.tick(now)
         if self.link.ready and self.tools.take_changed():
-            self.send({"type": "session.update", "session": {
-                "type": "realtime", "tools": self.tools.declarations()}})
+            tools: dict[str, Any] = {"tools": self.tools.declarations()}
+            self.send({"type": "session.update", "session": tools if
+                       self.config.provider.flat_session else {"type": "realtime", **tools}})
         self.deliver_tool_outputs()
 
     def watch_sox(self, now: float) -> None:
@@ -2934,10 +3180,7 @@ class Conversation:
     def status(self, now: float) -> str:
         """The status line: what is happening, what it cost, how long this session has left."""
         state = self.link.status(now) or self.activity(now)
-        cost = f"{money(self.total.cost)} so far"
-        if self.config.max_cost is not None:
-            cost += f" of ${self.config.max_cost:.2f}"
-        parts = [state, cost]
+        parts = [state, self.spend.status()]
         if self.link.expires_at is not None:
             parts.append(f"{max(self.link.expires_at - now, 0) / 60:.0f} min left in this session")
         return " · ".join(parts)
@@ -3004,6 +3247,11 @@ class Conversation:
         tools = self.tools.declarations() if self.tools.configured else None
         self.tools.take_changed()  # they are all in this one
         self.send({"type": "session.update", "session": session_config(self.config, tools)})
+
+    def on_conversation_created(self, event: dict[str, Any]) -> None:
+        """xAI's first event, where OpenAI's is session.created."""
+        if self.config.provider.flat_session:
+            self.on_session_created({})
 
     def on_session_updated(self, event: dict[str, Any]) -> None:
         if not self.link.configured():
@@ -3139,7 +3387,7 @@ class Conversation:
         if usage and figures is None:
             self.display.warn("the API sent usage figures that are not token counts; responses "
                               "with such figures are not counted", once="usage")
-        cost = response_cost(self.config.prices, figures) if figures else None
+        cost = self.spend.cost_of(figures)
         ids = [item.get("id", "") for item in response.get("output") or []
                if item.get("type") == "message"]
         self.config.log.write(
@@ -3148,30 +3396,20 @@ class Conversation:
             heard="truncated" if set(ids) & self.interrupted else "full", usage=usage,
             cost_usd=cost)
         self.transcripts.keep(self.player.items)
-        if figures:
-            self.count(figures, cost)
+        if figures or self.config.provider.per_minute is not None:
+            self.spend.count(figures, self.link.minutes(time.monotonic()))
+            self.end_if_over_budget()
 
-    def count(self, usage: dict[str, Any], cost: float | None) -> None:
-        """Add a response's checked usage to the session's totals, and hold the spend to
-        --max-cost."""
-        self.total.responses += 1
-        self.total.input_tokens += usage["input_tokens"]
-        self.total.output_tokens += usage["output_tokens"]
-        self.total.cost = None if cost is None or self.total.cost is None \
-            else self.total.cost + cost
-        self.display.usage(usage, cost)
-        budget, spent = self.config.max_cost, self.total.cost
-        if budget is None or spent is None:
-            return
-        if spent >= budget:
-            self.ending = f"stopped: this session has cost ${spent:.4f}, reaching --max-cost " \
-                          f"${budget:.4f}"
+    def end_if_over_budget(self) -> None:
+        reason = self.spend.over_budget()
+        if reason is not None:
+            self.ending = reason
             if self.response_active:
                 self.send({"type": "response.cancel"})
-        elif spent >= 0.8 * budget and not self.warned_cost:
-            self.warned_cost = True
-            self.display.warn(f"{spent / budget:.0%} of --max-cost ${budget:.4f} used "
-                              f"(${spent:.4f}); the session ends when it is reached")
+
+    def final_spend(self, now: float) -> Spend:
+        self.spend.connected(self.link.minutes(now))
+        return self.spend
 
     # Actions of ours
     def deliver_tool_outputs(self) -> None:
@@ -3232,8 +3470,9 @@ class Conversation:
         received_ms = item.received * 1000 // BYTES_PER_SECOND
         if item.complete and heard_ms >= received_ms:
             return  # heard to the end: nothing to take back
-        self.send({"type": "conversation.item.truncate", "item_id": item.item_id,
-                   "content_index": 0, "audio_end_ms": min(heard_ms, received_ms)})
+        if self.config.provider.truncates:  # else the model remembers the whole reply
+            self.send({"type": "conversation.item.truncate", "item_id": item.item_id,
+                       "content_index": 0, "audio_end_ms": min(heard_ms, received_ms)})
         self.interrupted.add(item.item_id)
         words = self.transcripts.get(item.item_id)
         heard = words[:round(len(words) * heard_ms / max(received_ms, 1))]
@@ -3316,6 +3555,7 @@ Handler = Callable[[Conversation, dict[str, Any]], None]
 HANDLERS: dict[str, Handler] = {
     "session.created": Conversation.on_session_created,
     "session.updated": Conversation.on_session_updated,
+    "conversation.created": Conversation.on_conversation_created,
     "error": Conversation.on_error,
     "input_audio_buffer.speech_started": Conversation.on_speech_started,
     "input_audio_buffer.speech_stopped": Conversation.on_speech_stopped,
@@ -3338,7 +3578,7 @@ HANDLERS: dict[str, Handler] = {
 # Events that need nothing from a terminal client (still valid, so not reported as unknown).
 QUIET_EVENTS = {
     "input_audio_buffer.cleared",
-    "input_audio_buffer.timeout_triggered", "conversation.created", "conversation.item.added",
+    "input_audio_buffer.timeout_triggered", "ping", "conversation.item.added",
     "conversation.item.created", "conversation.item.truncated",
     "conversation.item.deleted", "conversation.item.retrieved",
     "conversation.item.input_audio_transcription.delta",
@@ -3447,13 +3687,16 @@ def run(config: Config, display: Display) -> None:
             recorder.kill(signal.SIGTERM)  # a player that cannot start leaves no recorder behind
             raise
         conversation = Conversation(config, recorder, player, display, tools)
+        check = ModelCheck(config, display) if config.provider.lists_models else None
         try:
             conversation.link.open(time.monotonic())  # the loop takes each step of the opening
             try:
-                loop(conversation)
+                loop(conversation, [check] if check else [])
             finally:
-                display.totals(conversation.total)
+                display.totals(conversation.final_spend(time.monotonic()))
         finally:
+            if check is not None:
+                check.close()
             conversation.recorder.kill(signal.SIGTERM)
             conversation.player.sox.kill(signal.SIGKILL)
             conversation.link.close()
@@ -3463,8 +3706,9 @@ def run(config: Config, display: Display) -> None:
         tools.close()  # no MCP server outlives the script
 
 
-def loop(conversation: Conversation) -> None:
-    """One selectors loop: the WebSocket, the recorder, the player, stdin and signals."""
+def loop(conversation: Conversation, others: list[ModelCheck]) -> None:
+    """One selectors loop: the WebSocket, the recorder, the player, stdin, signals, and others
+    that register their own pipes with a callback."""
     display = conversation.display
     selector = selectors.DefaultSelector()
     wakeup_r, wakeup_w = socket.socketpair()
@@ -3478,6 +3722,8 @@ def loop(conversation: Conversation) -> None:
     conversation.recorder.watch(selector)
     conversation.player.sox.watch(selector)
     conversation.tools.watch(selector)
+    for other in others:
+        other.watch(selector)
     try:
         selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
     except (ValueError, OSError):  # a regular file or /dev/null cannot be watched: no typing
@@ -3535,6 +3781,8 @@ def loop(conversation: Conversation) -> None:
                         conversation.on_typed_line(line)
                 elif isinstance(what, McpServer):
                     what.on_readable(key.fd)
+                elif callable(what):
+                    what(key.fd)
                 elif isinstance(what, Sox):  # stderr: a FAIL line, or EOF as sox exits
                     if not what.read_stderr() or what.failed:
                         conversation.on_sox_died(what)

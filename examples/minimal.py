@@ -75,7 +75,7 @@ def configure(ws: websocket.WebSocket) -> None:
         "type": "realtime", "output_modalities": ["audio"],
         "instructions": "You are a friendly voice assistant. Keep answers short.",
         "audio": {"input": {"format": pcm, "turn_detection": {"type": "server_vad"},
-                            "transcription": {"model": "gpt-4o-mini-transcribe"}},
+                            "transcription": {"model": "gpt-transcribe"}},
                   "output": {"format": pcm, "voice": "echo"}}})
 
 

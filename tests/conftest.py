@@ -148,7 +148,8 @@ def base_env(tmp_path: Path, sox_log: SoxLog) -> dict[str, str]:
     sox.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_sox.py"}" "$@"\n')
     sox.chmod(0o755)
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OPENAI_", "REALTIME_", "FAKE_SOX_", "PULSE_LATENCY"))}
+           if not k.startswith(("OPENAI_", "REALTIME_", "FAKE_SOX_", "PULSE_LATENCY", "AZURE_OPENAI_",
+                                "XAI_"))}
     # A dead loopback port unless a test names its fake server: no test may reach a real API.
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", FAKE_SOX_DIR=str(sox_log.dir),
                OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL="http://127.0.0.1:9/v1",
@@ -158,13 +159,14 @@ def base_env(tmp_path: Path, sox_log: SoxLog) -> dict[str, str]:
 
 @pytest.fixture
 def serve() -> Iterator[Any]:
-    """serve(script, refuse=None, tls=None, vad=False) starts a fake Realtime server; all are
-    checked and stopped."""
+    """serve(script, refuse=None, tls=None, vad=False, provider="openai", models=None) starts a
+    fake Realtime server; all are checked and stopped."""
     servers: list[FakeRealtime] = []
 
     def start(script: Script, refuse: tuple[int, str] | None = None,
-              tls: ssl.SSLContext | None = None, vad: bool = False) -> FakeRealtime:
-        servers.append(FakeRealtime(script, refuse, tls, vad))
+              tls: ssl.SSLContext | None = None, vad: bool = False, provider: str = "openai",
+              models: dict[str, str | None] | None = None) -> FakeRealtime:
+        servers.append(FakeRealtime(script, refuse, tls, vad, provider, models))
         return servers[-1]
 
     yield start

@@ -3,6 +3,12 @@
 Each connection runs `script(session)`. The server records every client event with its arrival
 time and checks it against the openai package's `RealtimeClientEvent` (unknown keys included:
 the SDK's models accept them silently, the API rejects them).
+
+`provider` makes it another endpoint that speaks the protocol: "azure" (the GA path
+/openai/v1/realtime, the key in an `api-key` header, refused without it) or "xai" (Grok voice: the
+first event `conversation.created`, a flat session checked against xAI's documented fields,
+`ping` events, no usage in `response.done`, and no `conversation.item.truncate` accepted). It
+also answers GET /v1/models/{id} from `models` (id → shutdown date), as openai's `Model`.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import ssl
 import threading
 import time
 import typing
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from openai.types import Model
 from openai.types.realtime import RealtimeClientEvent, RealtimeServerEvent
 from pydantic import BaseModel, TypeAdapter
 from websockets.asyncio.server import ServerConnection, serve
@@ -34,8 +42,16 @@ BYTES_PER_SECOND = 48_000
 _ids = itertools.count(1)
 
 
-def problems_with(event: dict[str, Any]) -> list[str]:
+XAI_SESSION = {"instructions", "voice", "turn_detection", "audio", "tools"}
+XAI_VOICES = {"Eve", "Ara", "Rex", "Sal", "Leo"}
+
+
+def problems_with(event: dict[str, Any], provider: str = "openai") -> list[str]:
     """Why the real API would reject this client event (empty when it would not)."""
+    if provider == "xai" and event.get("type") == "conversation.item.truncate":
+        return ["xAI's Grok voice does not take conversation.item.truncate"]
+    if provider == "xai" and event.get("type") == "session.update":
+        return xai_session_problems(event.get("session"))
     try:
         model = CLIENT_EVENT.validate_python(event)
     except Exception as error:  # pydantic.ValidationError, with the whole union's complaints
@@ -44,6 +60,25 @@ def problems_with(event: dict[str, Any]) -> list[str]:
     for path, fmt in audio_formats(event):
         if fmt.get("type") == "audio/pcm" and fmt.get("rate") != 24000:
             found.append(f"{event['type']}: {path} is audio/pcm without rate 24000")
+    return found
+
+
+def xai_session_problems(session: Any) -> list[str]:
+    """xAI's session: flat (no `type`, the voice and turn detection at the top), PCM at 24 kHz
+    asked for both ways."""
+    if not isinstance(session, dict):
+        return ["session.update: no session"]
+    found = [f"session.update: {key} is not an xAI session field"
+             for key in sorted(set(session) - XAI_SESSION)]
+    if "voice" in session and session["voice"] not in XAI_VOICES:
+        found.append(f"session.update: xAI has no voice {session['voice']!r}")
+    pcm = {"type": "audio/pcm", "rate": 24000}
+    audio = session.get("audio", {})
+    if "audio" in session and audio != {"input": {"format": pcm}, "output": {"format": pcm}}:
+        found.append(f"session.update: audio {audio!r} is not 24 kHz PCM both ways")
+    detection = session.get("turn_detection")
+    if detection is not None and detection.get("type") != "server_vad":
+        found.append(f"session.update: turn_detection {detection!r}")
     return found
 
 
@@ -134,6 +169,13 @@ class Session:
         return await asyncio.wait_for(next_of_type(), timeout)  # asyncio.timeout needs 3.11
 
     async def handshake(self, expires_in: int = 3600) -> dict[str, Any]:
+        if self.server.provider == "xai":  # its first event; its session events are not OpenAI's
+            await self.send("conversation.created", conversation={"id": "conv_1",
+                                                                  "object": "realtime.conversation"})
+            await self.send("ping", checked=False, timestamp=int(time.time()))
+            update = await self.expect("session.update")
+            await self.send("session.updated", checked=False, session=update["session"])
+            return update
         await self.send("session.created", session={
             "type": "realtime", "id": "sess_1", "object": "realtime.session",
             "model": "gpt-realtime-2.1", "expires_at": int(time.time()) + expires_in})
@@ -189,12 +231,13 @@ class Session:
                    "content": [{"type": "output_audio", "transcript": transcript}]}
         await self.send("response.output_item.done", response_id=response_id, output_index=0,
                         item=message)
-        await self.send("response.done", response={
-            "id": response_id, "status": status, "output": [message],
-            "usage": usage or {
+        done: dict[str, Any] = {"id": response_id, "status": status, "output": [message]}
+        if self.server.provider != "xai":  # xAI bills by the minute
+            done["usage"] = usage or {
                 "total_tokens": 140, "input_tokens": 118, "output_tokens": 22,
                 "input_token_details": {"cached_tokens": 0, "text_tokens": 102, "audio_tokens": 16},
-                "output_token_details": {"text_tokens": 22, "audio_tokens": 0}}})
+                "output_token_details": {"text_tokens": 22, "audio_tokens": 0}}
+        await self.send("response.done", response=done)
         return item_id
 
     async def call_tool(self, name: str, arguments: dict[str, Any], commentary: bytes = b"",
@@ -267,8 +310,12 @@ class FakeRealtime:
     """The server, on its own thread and event loop; `url` is an OPENAI_BASE_URL for it."""
 
     def __init__(self, script: Script, refuse: tuple[int, str] | None = None,
-                 tls: ssl.SSLContext | None = None, vad: bool = False) -> None:
+                 tls: ssl.SSLContext | None = None, vad: bool = False, provider: str = "openai",
+                 models: dict[str, str | None] | None = None) -> None:
         self.script = script
+        self.provider = provider
+        self.models = models or {}  # what GET /models/{id} knows: id → shutdown date
+        self.models_asked: list[tuple[str, dict[str, str]]] = []  # (path, headers)
         self.vad = vad  # detect speech in the appended audio, like turn_detection server_vad
         self.speech_started: list[float] = []  # when the VAD heard speech (monotonic)
         self.refuse = refuse  # (HTTP status, body) to fail the handshake with
@@ -278,6 +325,7 @@ class FakeRealtime:
         self.received: list[tuple[float, dict[str, Any]]] = []
         self.problems: list[str] = []
         self.request_headers: list[dict[str, str]] = []
+        self.request_paths: list[str] = []
         self.closed_with: list[int | None] = []
         self.sessions_received: list[list[dict[str, Any]]] = []
         self.sessions_done = threading.Event()
@@ -289,9 +337,10 @@ class FakeRealtime:
 
     @property
     def url(self) -> str:
+        path = "/openai/v1" if self.provider == "azure" else "/v1"
         if self.tls:
-            return f"https://localhost:{self.port}/v1"
-        return f"http://127.0.0.1:{self.port}/v1"
+            return f"https://localhost:{self.port}{path}"
+        return f"http://127.0.0.1:{self.port}{path}"
 
     def events(self, type: str) -> list[dict[str, Any]]:
         return [event for _, event in self.received if event["type"] == type]
@@ -312,7 +361,15 @@ class FakeRealtime:
             await self._stop.wait()
 
     async def _check_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        if "/models/" in request.path:
+            return self._model(ws, request)
         self.request_headers.append(dict(request.headers.raw_items()))
+        self.request_paths.append(request.path)
+        if self.provider == "azure" and (
+                not request.path.startswith("/openai/v1/realtime?model=")
+                or "api-key" not in request.headers or "Authorization" in request.headers):
+            return ws.respond(401, '{"error": {"code": "401", "message": "Access denied due to '
+                                   'invalid subscription key or wrong API endpoint."}}')
         if len(self.upgrade_delay) >= len(self.request_headers):
             with contextlib.suppress(asyncio.TimeoutError):  # held, until the server stops
                 await asyncio.wait_for(self._stop.wait(), self.upgrade_delay[
@@ -323,6 +380,23 @@ class FakeRealtime:
             response.headers["Content-Type"] = "application/json"
             return response
         return None
+
+    def _model(self, ws: ServerConnection, request: Request) -> Response:
+        """GET /models/{id}, as the API answers it."""
+        self.models_asked.append((request.path, dict(request.headers.raw_items())))
+        model = urllib.parse.unquote(request.path.rsplit("/", 1)[1])
+        if model not in self.models:
+            return ws.respond(404, json.dumps({"error": {"code": "model_not_found",
+                                                         "message": f"no model {model}"}}))
+        body = {"id": model, "object": "model", "created": 1_756_339_200, "owned_by": "system",
+                "shutdown_date": self.models[model]}
+        try:
+            Model.model_validate(body)
+        except Exception as error:
+            self.problems.append(f"the fake sent an invalid model: {error!r:.300}")
+        response = ws.respond(200, json.dumps(body))
+        response.headers["Content-Type"] = "application/json"
+        return response
 
     def _date(self, ws: ServerConnection, request: Request, response: Response) -> None:
         if self.clock_offset:  # a server whose clock differs from this computer's
@@ -352,7 +426,7 @@ class FakeRealtime:
                 event = json.loads(message)
                 self.received.append((time.monotonic(), event))
                 session.received.append(event)
-                self.problems += problems_with(event)
+                self.problems += problems_with(event, self.provider)
                 if self.vad and event["type"] == "input_audio_buffer.append":
                     await self._detect_speech(session, base64.b64decode(event["audio"]))
                 await session.inbox.put(event)
