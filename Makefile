@@ -17,7 +17,7 @@ check-audio: $(VENV)/.run sox
 	@$(VENV)/bin/python realtime_sox.py --check-audio $(ARGS)
 
 test: $(VENV)/.dev
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=15 tests
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check --line-length 110 --select E,F,W,B,UP,I realtime_sox.py tests bench

@@ -3082,6 +3082,47 @@ class Turn:
     text: str = ""
 
 
+class History:
+    """The conversation as text, turn by turn, in order: what a new session is told, since a
+    session starts empty. Kept flat in long sessions."""
+
+    def __init__(self) -> None:
+        self.turns: list[Turn] = []
+        self.typed = 0
+
+    def remember(self, role: str, item_id: str, text: str = "") -> Turn:
+        """The turn for this item, added at the end if new."""
+        for turn in reversed(self.turns[-50:]):
+            if turn.item_id == item_id and turn.role == role:
+                break
+        else:
+            turn = Turn(role, item_id)
+            self.turns.append(turn)
+            del self.turns[:-REPLAY_TURNS * 5]
+        turn.text = text.strip() or turn.text
+        return turn
+
+    def typed_line(self, line: str) -> None:
+        self.typed += 1
+        self.remember("user", f"typed-{self.typed}", line)
+
+    def cut_off(self, transcripts: Words) -> None:
+        """The connection dropped: a reply cut off mid-way keeps the words it had."""
+        for turn in self.turns[-5:]:
+            if turn.role == "assistant" and not turn.text:
+                turn.text = transcripts.get(turn.item_id).strip()
+
+    def replay(self) -> list[dict[str, Any]]:
+        """The last turns (up to REPLAY_TURNS and REPLAY_CHARS) as items for a new session."""
+        turns = [turn for turn in self.turns if turn.text][-REPLAY_TURNS:]
+        while sum(len(turn.text) for turn in turns) > REPLAY_CHARS:
+            turns.pop(0)
+        return [{"type": "conversation.item.create", "item": {
+            "type": "message", "role": "system" if turn.role == "tool" else turn.role,
+            "content": [{"type": "output_text" if turn.role == "assistant" else "input_text",
+                         "text": turn.text}]}} for turn in turns]  # a tool's call_id means nothing now
+
+
 class Conversation:
     """State of the talk and the handlers for the server's events (see HANDLERS below)."""
 
@@ -3092,7 +3133,7 @@ class Conversation:
         self.config = config
         self.link = Link(config, display)
         self.tools = tools
-        self.history: list[Turn] = []
+        self.history = History()
         self.ending: str | None = None  # why we stop once the received audio has played
         self.restarted: set[str] = set()  # sox roles restarted once already
         self.recorder = recorder
@@ -3149,9 +3190,7 @@ class Conversation:
 
     def on_connection_lost(self) -> None:
         """The link reconnects; what was said so far is kept for the next session."""
-        for turn in self.history[-5:]:  # a reply cut off mid-way still plays to its end
-            if turn.role == "assistant" and not turn.text:
-                turn.text = self.transcripts.get(turn.item_id).strip()
+        self.history.cut_off(self.transcripts)
         self.display.end_line()
         self.response_active = self.user_speaking = False
         self.microphone.drop()
@@ -3204,29 +3243,14 @@ class Conversation:
                     or self.tools.busy())
 
     def replay(self) -> int:
-        """Tell a new session the conversation so far, as text (a session starts empty)."""
-        turns = [turn for turn in self.history if turn.text][-REPLAY_TURNS:]
-        while sum(len(turn.text) for turn in turns) > REPLAY_CHARS:
-            turns.pop(0)
-        for turn in turns:
-            kind = "output_text" if turn.role == "assistant" else "input_text"
-            role = "system" if turn.role == "tool" else turn.role  # a call_id means nothing now
-            self.send({"type": "conversation.item.create", "item": {
-                "type": "message", "role": role,
-                "content": [{"type": kind, "text": turn.text}]}})
-        return len(turns)
+        """Tell a new session the conversation so far."""
+        items = self.history.replay()
+        for item in items:
+            self.send(item)
+        return len(items)
 
     def remember(self, role: str, item_id: str, text: str = "") -> Turn:
-        """The turn for this item, added at the end of the history if new."""
-        for turn in reversed(self.history[-50:]):
-            if turn.item_id == item_id and turn.role == role:
-                break
-        else:
-            turn = Turn(role, item_id)
-            self.history.append(turn)
-            del self.history[:-REPLAY_TURNS * 5]  # memory stays flat in long sessions
-        turn.text = text.strip() or turn.text
-        return turn
+        return self.history.remember(role, item_id, text)
 
     def handle(self, message: dict[str, Any]) -> None:
         handler = HANDLERS.get(message["type"])
@@ -3525,7 +3549,7 @@ class Conversation:
             return
         if line.strip():
             self.tools.person_spoke()
-            self.remember("user", f"typed-{len(self.history)}", line.strip())
+            self.history.typed_line(line.strip())
             self.config.log.write(speaker="user", typed=True, text=line.strip())
             self.interrupt(cancel=True)
             self.send({"type": "conversation.item.create", "item": {
