@@ -553,6 +553,771 @@ def session_config(config: Config, tools: list[dict[str, Any]] | None = None) ->
     return body if tools is None else {**body, "tools": tools}
 
 
+# --- The conversation: one handler per server event ----------------------------------------------
+
+@dataclasses.dataclass
+class Turn:
+    """One turn as text, in conversation order: what a new session is told."""
+    role: str  # "user", "assistant", or "tool" (what a tool returned)
+    item_id: str
+    text: str = ""
+
+
+class History:
+    """The conversation as text, turn by turn, in order: what a new session is told, since a
+    session starts empty. Kept flat in long sessions."""
+
+    def __init__(self) -> None:
+        self.turns: list[Turn] = []
+        self.typed = 0
+
+    def remember(self, role: str, item_id: str, text: str = "") -> Turn:
+        """The turn for this item, added at the end if new."""
+        for turn in reversed(self.turns[-50:]):
+            if turn.item_id == item_id and turn.role == role:
+                break
+        else:
+            turn = Turn(role, item_id)
+            self.turns.append(turn)
+            del self.turns[:-REPLAY_TURNS * 5]
+        turn.text = text.strip() or turn.text
+        return turn
+
+    def typed_line(self, line: str) -> None:
+        self.typed += 1
+        self.remember("user", f"typed-{self.typed}", line)
+
+    def cut_off(self, transcripts: Words) -> None:
+        """The connection dropped: a reply cut off mid-way keeps the words it had."""
+        for turn in self.turns[-5:]:
+            if turn.role == "assistant" and not turn.text:
+                turn.text = transcripts.get(turn.item_id).strip()
+
+    def replay(self) -> list[dict[str, Any]]:
+        """The last turns (up to REPLAY_TURNS and REPLAY_CHARS) as items for a new session."""
+        turns = [turn for turn in self.turns if turn.text][-REPLAY_TURNS:]
+        while sum(len(turn.text) for turn in turns) > REPLAY_CHARS:
+            turns.pop(0)
+        return [{"type": "conversation.item.create", "item": {
+            "type": "message", "role": "system" if turn.role == "tool" else turn.role,
+            "content": [{"type": "output_text" if turn.role == "assistant" else "input_text",
+                         "text": turn.text}]}} for turn in turns]  # a tool's call_id means nothing now
+
+
+class Conversation:
+    """State of the talk and the handlers for the server's events (see HANDLERS below)."""
+
+    HALF_DUPLEX_TAIL = 0.3  # s of room echo after the speaker stops
+
+    def __init__(self, config: Config, recorder: Sox, player: Player, display: Display,
+                 tools: Toolbox) -> None:
+        self.config = config
+        self.link = Link(config, display)
+        self.tools = tools
+        self.history = History()
+        self.ending: str | None = None  # why we stop once the received audio has played
+        self.restarted: set[str] = set()  # sox roles restarted once already
+        self.recorder = recorder
+        self.player = player
+        self.display = display
+        self.microphone = Microphone(config.plumbing.frame_bytes)
+        # For the watchdog (a device that vanished is silent); a microphone may take seconds to wake.
+        self.mic_heard_at = time.monotonic() + MICROPHONE_WAKE
+        self.mic_ms_uncommitted = 0.0
+        self.response_active = False
+        self.user_speaking = False
+        self.interrupted: set[str] = set()  # items whose late audio and words we drop
+        self.transcripts = Words()
+        self.spend = Spend(config, display)
+
+    def send(self, event: dict[str, Any]) -> None:
+        self.link.send(event)
+
+    def tick(self, now: float) -> None:
+        """Timers: the end after the last words, and the link's (see Link.tick)."""
+        if self.ending and not self.player.busy(now):  # the last words play to their end
+            raise Stop(self.ending)
+        if self.config.provider.per_minute is not None and not self.ending:
+            self.spend.connected(self.link.minutes(now))
+            self.end_if_over_budget()
+        if self.link.tick(now, self.at_turn_boundary(now)) is not None:
+            self.on_connection_lost()
+        self.watch_sox(now)
+        self.tools.tick(now)
+        if self.link.ready and self.tools.take_changed():
+            tools: dict[str, Any] = {"tools": self.tools.declarations()}
+            self.send({"type": "session.update", "session": tools if
+                       self.config.provider.flat_session else {"type": "realtime", **tools}})
+        self.deliver_tool_outputs()
+
+    def watch_sox(self, now: float) -> None:
+        """A device that disappears (a Bluetooth headset switched off) leaves sox waiting forever
+        without a word: no microphone bytes, or a player that takes none, count as a death."""
+        if now - self.mic_heard_at > SOX_WATCHDOG:
+            self.mic_heard_at = now
+            self.on_sox_died(self.recorder, f"the sox recorder gave no audio for {SOX_WATCHDOG:g} "
+                                            "s (did the microphone go away?)")
+        if self.player.stalled(now):
+            self.on_sox_died(self.player.sox, f"the sox player took no audio for {SOX_WATCHDOG:g} "
+                                              "s (did the speaker go away?)")
+
+    def next_timer(self, now: float) -> float | None:
+        """When tick() has something to do next."""
+        if self.ending:
+            return self.player.audible_until()
+        timers = [self.link.next_timer(now), self.tools.next_timer(),
+                  self.mic_heard_at + SOX_WATCHDOG + 0.01]
+        return min(timer for timer in timers if timer is not None)
+
+    def on_connection_lost(self) -> None:
+        """The link reconnects; what was said so far is kept for the next session."""
+        self.history.cut_off(self.transcripts)
+        self.display.end_line()
+        self.response_active = self.user_speaking = False
+        self.microphone.drop()
+        self.tools.cancel_all("the connection to the API dropped")
+
+    def on_sox_died(self, sox: Sox, reason: str = "") -> None:
+        """A sox process stopped (sox exits 0 when the audio server goes away: its stderr says
+        why), or went quiet. Restart it once; if it fails again, give up with its reason."""
+        reason = reason or sox.failure()
+        device = self.config.plumbing.input_device if sox is self.recorder \
+            else self.config.plumbing.output_device
+        if device and any(sign in (sox.failed or "") for sign in UNKNOWN_DEVICE):
+            raise Fatal(f"{reason}: no {'microphone' if sox is self.recorder else 'speaker'} is "
+                        f"named {device!r}; see --list-devices", Exit.USAGE)
+        if sox.role in self.restarted:
+            raise Fatal(reason, Exit.AUDIO)
+        self.restarted.add(sox.role)
+        self.display.warn(f"{reason}; restarting it")
+        if sox is self.recorder:
+            self.recorder = sox.restart()
+            self.microphone = Microphone(self.config.plumbing.frame_bytes)  # a new sample clock
+            self.mic_heard_at = time.monotonic() + MICROPHONE_WAKE
+        else:
+            self.player.stop()
+
+    def status(self, now: float) -> str:
+        """The status line: what is happening, what it cost, how long this session has left."""
+        state = self.link.status(now) or self.activity(now)
+        parts = [state, self.spend.status()]
+        if self.link.expires_at is not None:
+            parts.append(f"{max(self.link.expires_at - now, 0) / 60:.0f} min left in this session")
+        return " · ".join(parts)
+
+    def activity(self, now: float) -> str:
+        tools = self.tools.status(now)
+        if tools:
+            return tools
+        echo = self.player.echo
+        if echo is not None and echo.interrupted_at > now - 2:
+            return "you interrupted"
+        if self.player.busy(now):
+            if echo is not None:
+                return f"assistant speaking · {echo.status()}"
+            muted = " (microphone muted)" if self.config.duplex == "half" else ""
+            return "assistant speaking" + muted
+        return "hearing you" if self.user_speaking else "listening"
+
+    def at_turn_boundary(self, now: float) -> bool:
+        return not (self.response_active or self.user_speaking or self.player.busy(now)
+                    or self.tools.busy())
+
+    def replay(self) -> int:
+        """Tell a new session the conversation so far."""
+        items = self.history.replay()
+        for item in items:
+            self.send(item)
+        return len(items)
+
+    def remember(self, role: str, item_id: str, text: str = "") -> Turn:
+        return self.history.remember(role, item_id, text)
+
+    def handle(self, message: dict[str, Any]) -> None:
+        handler = HANDLERS.get(message["type"])
+        if handler is not None:
+            try:
+                handler(self, message)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError,
+                    OverflowError) as error:
+                self.display.warn(f"skipping a malformed {message['type']!r} event ({error!r})",
+                                  once="malformed " + message["type"])
+        elif message["type"] not in QUIET_EVENTS:
+            self.display.warn(f"ignoring unknown server event {message['type']!r}",
+                              once=message["type"])
+
+    # Session
+    def on_session_created(self, event: dict[str, Any]) -> None:
+        self.link.session_created((event.get("session") or {}).get("expires_at"))
+        tools = self.tools.declarations() if self.tools.configured else None
+        self.tools.take_changed()  # they are all in this one
+        self.send({"type": "session.update", "session": session_config(self.config, tools)})
+
+    def on_conversation_created(self, event: dict[str, Any]) -> None:
+        """xAI's first event, where OpenAI's is session.created."""
+        if self.config.provider.flat_session:
+            self.on_session_created({})
+
+    def on_session_updated(self, event: dict[str, Any]) -> None:
+        if not self.link.configured():
+            return
+        if self.link.sessions > 1:
+            self.display.info(f"connected again; the model was told the last {self.replay()} "
+                              "turns")
+            return
+        how = ("press Enter to end your turn" if self.config.turn_detection == "none"
+               else "type a line to send text, Enter alone to interrupt")
+        duplex = "echo guard on" if self.config.duplex == "auto" else f"{self.config.duplex} duplex"
+        self.display.info(f"connected: {self.config.model}, voice {self.config.voice}, "
+                          f"{duplex} — speak now; {how}; Ctrl-C quits")
+
+    def on_error(self, event: dict[str, Any]) -> None:
+        error = event.get("error") or {}
+        code = error.get("code")
+        if code in FATAL_ERRORS:
+            raise Fatal(f"the API ended the session: {error.get('message')} ({code})",
+                        FATAL_ERRORS[code])
+        if code == "session_expired":
+            self.link.rolling_over = True  # the server closes next; a new session follows at once
+            return
+        self.display.warn(f"the API reported {code or error.get('type')}: {error.get('message')}")
+
+    # The person
+    def on_speech_started(self, event: dict[str, Any]) -> None:
+        self.user_speaking = True
+        self.tools.person_spoke()
+        self.interrupt(cancel=False)  # the server cancels its response itself on a VAD turn
+
+    def on_speech_stopped(self, event: dict[str, Any]) -> None:
+        self.user_speaking = False
+
+    def on_committed(self, event: dict[str, Any]) -> None:
+        self.remember("user", event.get("item_id", ""))  # its words arrive later
+
+    def on_user_transcript(self, event: dict[str, Any]) -> None:
+        self.remember("user", event.get("item_id", ""), event.get("transcript", "").strip())
+        self.config.log.write(speaker="user", item_id=event.get("item_id"),
+                              text=event.get("transcript", "").strip())
+        self.display.user(event.get("transcript", ""))
+
+    def on_user_transcript_failed(self, event: dict[str, Any]) -> None:
+        self.display.warn(f"could not transcribe what you said: "
+                          f"{(event.get('error') or {}).get('message')}")
+
+    # The assistant
+    def on_response_created(self, event: dict[str, Any]) -> None:
+        self.response_active = True
+
+    def on_output_item(self, event: dict[str, Any]) -> None:
+        item = event.get("item") or {}
+        if item.get("type") == "message":
+            self.remember("assistant", item.get("id", ""))
+        elif item.get("type") == "mcp_call":  # a remote server's tool, called by the API
+            self.tools.remote_activity[item["id"]] = \
+                f"running {item.get('name')} on {item.get('server_label')} (through the API)…"
+
+    def on_output_item_done(self, event: dict[str, Any]) -> None:
+        """A function call is run only once complete: interrupted and cancelled ones end here
+        too, with another status."""
+        item = event.get("item") or {}
+        if item.get("type") == "function_call" and item.get("status") == "completed":
+            call = self.tools.call(item["call_id"], item["name"], item.get("arguments", ""),
+                                   time.monotonic())
+            self.display.tool_call(call.shown)
+        elif item.get("type") == "mcp_approval_request":
+            call = self.tools.approval_requested(item, time.monotonic())
+            self.display.tool_call(f"{call.shown} on {item.get('server_label')}")
+        elif item.get("type") == "mcp_call":
+            self.tools.remote_activity.pop(item.get("id", ""), None)
+            error = item.get("error")
+            output = item.get("output") or (f"Error: {error.get('message') or error.get('type')}"
+                                            if isinstance(error, dict) else "")
+            shown = f"{item.get('name')}({item.get('arguments', '')})"
+            self.display.tool_call(f"{shown} on {item.get('server_label')} (through the API)")
+            self.tool_returned(item.get("id", ""), shown, output, name=item.get("name"),
+                               server=item.get("server_label"), arguments=item.get("arguments"))
+
+    def on_remote_tools(self, event: dict[str, Any]) -> None:
+        """mcp_list_tools.*: the API lists a remote server's tools, at the session's start."""
+        item_id = event.get("item_id", "")
+        if event["type"] == "mcp_list_tools.in_progress":
+            self.tools.remote_activity[item_id] = "the API is listing the remote MCP tools…"
+            return
+        self.tools.remote_activity.pop(item_id, None)
+        if event["type"] == "mcp_list_tools.failed":
+            self.display.warn("the API could not list the tools of a --mcp-url server; going on "
+                              "without them")
+
+    def on_item_done(self, event: dict[str, Any]) -> None:
+        item = event.get("item") or {}
+        if item.get("type") == "mcp_list_tools":
+            names = ", ".join(tool.get("name", "?") for tool in item.get("tools") or []) or "none"
+            self.display.info(f"tools from {item.get('server_label')} (through the API): {names}")
+
+    def on_audio_delta(self, event: dict[str, Any]) -> None:
+        if event.get("item_id") in self.interrupted:
+            return
+        try:
+            audio = base64.b64decode(event["delta"], validate=True)
+        except (binascii.Error, KeyError, TypeError):
+            self.display.warn("skipping audio that is not valid base64", once="base64")
+            return
+        self.player.add(event["item_id"], audio, time.monotonic())  # the loop pumps it next
+
+    def on_audio_done(self, event: dict[str, Any]) -> None:
+        if event.get("item_id") not in self.interrupted:
+            self.player.finish(event.get("item_id", ""))
+
+    def on_transcript_delta(self, event: dict[str, Any]) -> None:
+        item_id = event.get("item_id", "")
+        if item_id not in self.interrupted:
+            self.transcripts.add(item_id, event.get("delta", ""))
+            self.display.assistant_delta(item_id, event.get("delta", ""))
+
+    def on_transcript_done(self, event: dict[str, Any]) -> None:
+        item_id = event.get("item_id", "")
+        if item_id not in self.interrupted:
+            self.transcripts.set(item_id, event.get("transcript", ""))
+            self.remember("assistant", item_id, self.transcripts.get(item_id))
+            self.display.assistant_done(item_id, self.transcripts.get(item_id))
+
+    def on_response_done(self, event: dict[str, Any]) -> None:
+        self.response_active = False
+        response = event.get("response") or {}
+        if response.get("status") == "failed":
+            error = (response.get("status_details") or {}).get("error") or {}
+            self.display.warn(f"the response failed: {error.get('code')} {error.get('message', '')}")
+        usage = response.get("usage") or {}
+        figures = checked_usage(usage) if usage else None
+        if usage and figures is None:
+            self.display.warn("the API sent usage figures that are not token counts; responses "
+                              "with such figures are not counted", once="usage")
+        cost = self.spend.cost_of(figures)
+        ids = [item.get("id", "") for item in response.get("output") or []
+               if item.get("type") == "message"]
+        self.config.log.write(
+            speaker="assistant", item_ids=ids, status=response.get("status"),
+            text=" ".join(self.transcripts.get(item_id) for item_id in ids).strip(),
+            heard="truncated" if set(ids) & self.interrupted else "full", usage=usage,
+            cost_usd=cost)
+        self.transcripts.keep(self.player.items)
+        if figures or self.config.provider.per_minute is not None:
+            self.spend.count(figures, self.link.minutes(time.monotonic()))
+            self.end_if_over_budget()
+
+    def end_if_over_budget(self) -> None:
+        reason = self.spend.over_budget()
+        if reason is not None:
+            self.ending = reason
+            if self.response_active:
+                self.send({"type": "response.cancel"})
+
+    def final_spend(self, now: float) -> Spend:
+        self.spend.connected(self.link.minutes(now))
+        return self.spend
+
+    # Actions of ours
+    def deliver_tool_outputs(self) -> None:
+        """Finished calls go back to the model; one reply follows once every call is answered and
+        no response is running (a response.create during one is refused)."""
+        for done in self.tools.take_outputs():
+            call = done.call
+            if call.approval_request:  # the API runs it, or not, and goes on by itself
+                self.display.tool_result("approved" if done.approve else "refused")
+                self.config.log.write(event="tool approval", name=call.name,
+                                      arguments=call.arguments, approved_by=done.approval,
+                                      approve=done.approve)
+                self.send({"type": "conversation.item.create", "item": {
+                    "type": "mcp_approval_response", "id": f"approval_{call.call_id}"[:32],
+                    "approval_request_id": call.approval_request, "approve": done.approve}})
+                continue
+            self.tool_returned(call.call_id, call.shown, done.output, not done.cancelled,
+                               call_id=call.call_id, name=call.name, arguments=call.arguments,
+                               approved_by=done.approval)
+            self.send({"type": "conversation.item.create", "item": {
+                "type": "function_call_output", "call_id": call.call_id, "output": done.output}})
+        if self.tools.reply_owed and not (self.tools.busy() or self.response_active
+                                          or self.user_speaking) and self.link.ready:
+            self.tools.reply_owed = False
+            self.send({"type": "response.create"})
+
+    def tool_returned(self, item_id: str, shown: str, output: str, kept: bool = True,
+                      **record: Any) -> None:
+        """A tool's result, local or remote: on screen, in the log, and (unless cancelled) in
+        what a new session is told."""
+        self.display.tool_result(output)
+        self.config.log.write(event="tool", **record, result=output[:LOGGED_RESULT_CHARS])
+        if kept:
+            self.remember("tool", item_id, f"Earlier, the tool call {shown} returned: "
+                                           f"{output[:LOGGED_RESULT_CHARS]}")
+
+    def on_keys(self, chunk: bytes) -> bytes:
+        """A question about a tool takes the next key: y runs it, any other refuses. The rest
+        of what was typed goes to the line being edited."""
+        if not chunk or self.tools.question is None:
+            return chunk
+        key, rest = chunk[:1], chunk[1:]
+        self.tools.answer(key in (b"y", b"Y"), time.monotonic())
+        return rest[1:] if rest[:1] in (b"\r", b"\n") and key not in (b"\r", b"\n") else rest
+
+    def interrupt(self, cancel: bool) -> None:
+        """Barge-in: silence the player and tell the server exactly how much was heard."""
+        now = time.monotonic()
+        if self.config.plumbing.barge_in and self.player.busy(now):
+            for item in self.player.items.values():
+                self.truncate(item, now)
+            self.player.stop()
+        if cancel and self.response_active:
+            self.send({"type": "response.cancel"})
+
+    def truncate(self, item: HeardItem, now: float) -> None:
+        heard_ms = self.player.heard_ms(item, now)
+        received_ms = item.received * 1000 // BYTES_PER_SECOND
+        if item.complete and heard_ms >= received_ms:
+            return  # heard to the end: nothing to take back
+        if self.config.provider.truncates:  # else the model remembers the whole reply
+            self.send({"type": "conversation.item.truncate", "item_id": item.item_id,
+                       "content_index": 0, "audio_end_ms": min(heard_ms, received_ms)})
+        self.interrupted.add(item.item_id)
+        words = self.transcripts.get(item.item_id)
+        heard = words[:round(len(words) * heard_ms / max(received_ms, 1))]
+        self.remember("assistant", item.item_id).text = heard
+        self.config.log.write(event="truncated", item_id=item.item_id, heard_ms=heard_ms,
+                              heard_text=heard)
+        self.display.interrupted(words, heard_ms / max(received_ms, 1))
+
+    def on_microphone(self, audio: bytes) -> None:
+        """Recorder bytes → 20 ms appends (sox delivers 4096-byte pieces on Linux), each one
+        screened for the assistant's own voice coming back from the speakers (--duplex)."""
+        now = self.mic_heard_at = time.monotonic()
+        frames = self.microphone.frames(audio, now)
+        if not self.link.ready or self.ending:
+            return  # no session configured (yet, or while reconnecting): the audio is dropped
+        for frame, captured in frames:
+            for sent in self.screen(frame, captured, now):
+                self.send({"type": "input_audio_buffer.append",
+                           "audio": base64.b64encode(sent).decode()})
+                self.mic_ms_uncommitted += len(sent) * 1000 / BYTES_PER_SECOND
+
+    def screen(self, frame: bytes, captured: float, now: float) -> list[bytes]:
+        """What the server gets of this frame: the frame, silence in its place (the model must
+        not hear its own voice), or, when the echo guard hears the person speak over the
+        assistant, the frames it held back since just before they started."""
+        echo = self.player.echo
+        if echo is not None:
+            verdict = echo.hear(frame, captured)
+            if verdict == EchoGuard.PERSON:
+                self.barge_in_by_voice(echo)
+                return echo.preroll()
+            return [bytes(len(frame)) if verdict == EchoGuard.HOLD else frame]
+        if self.config.duplex == "half" and (
+                self.player.busy(now) or now < self.player.audible_until() + self.HALF_DUPLEX_TAIL):
+            return [bytes(len(frame))]
+        return [frame]
+
+    def barge_in_by_voice(self, echo: EchoGuard) -> None:
+        """The person spoke over the assistant: stop it now, as the server's VAD would a moment
+        later, and tell the server (its VAD starts on the audio that follows)."""
+        path = echo.path
+        self.config.log.write(event="barge-in", by="voice",
+                              echo_gain_db=round(path.gain_db, 1) if path else None,
+                              echo_delay_ms=round(path.delay * ECHO_BIN * 1000) if path else None)
+        self.interrupt(cancel=True)
+
+    def on_typed_line(self, line: str) -> None:
+        if not self.link.ready:
+            self.display.warn("not connected yet; type again in a moment")
+            return
+        if line.strip():
+            self.tools.person_spoke()
+            self.history.typed_line(line.strip())
+            self.config.log.write(speaker="user", typed=True, text=line.strip())
+            self.interrupt(cancel=True)
+            self.send({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": line.strip()}]}})
+            self.send({"type": "response.create"})
+            self.display.user(line)
+        elif self.config.turn_detection == "none" and not self.player.busy(time.monotonic()):
+            self.end_manual_turn()
+        else:
+            self.interrupt(cancel=True)
+            self.tools.cancel_all("the person interrupted")
+            if self.config.turn_detection == "none":
+                self.send({"type": "input_audio_buffer.clear"})
+                self.mic_ms_uncommitted = 0
+
+    def end_manual_turn(self) -> None:
+        if self.mic_ms_uncommitted < 100:  # the API rejects commits of less than 100 ms
+            self.display.warn("nothing recorded yet: speak, then press Enter")
+            return
+        self.send({"type": "input_audio_buffer.commit"})
+        self.send({"type": "response.create"})
+        self.mic_ms_uncommitted = 0
+
+
+Handler = Callable[[Conversation, dict[str, Any]], None]
+HANDLERS: dict[str, Handler] = {
+    "session.created": Conversation.on_session_created,
+    "session.updated": Conversation.on_session_updated,
+    "conversation.created": Conversation.on_conversation_created,
+    "error": Conversation.on_error,
+    "input_audio_buffer.speech_started": Conversation.on_speech_started,
+    "input_audio_buffer.speech_stopped": Conversation.on_speech_stopped,
+    "input_audio_buffer.committed": Conversation.on_committed,
+    "conversation.item.input_audio_transcription.completed": Conversation.on_user_transcript,
+    "conversation.item.input_audio_transcription.failed": Conversation.on_user_transcript_failed,
+    "response.created": Conversation.on_response_created,
+    "response.output_item.added": Conversation.on_output_item,
+    "response.output_item.done": Conversation.on_output_item_done,
+    "response.output_audio.delta": Conversation.on_audio_delta,
+    "response.output_audio.done": Conversation.on_audio_done,
+    "response.output_audio_transcript.delta": Conversation.on_transcript_delta,
+    "response.output_audio_transcript.done": Conversation.on_transcript_done,
+    "response.done": Conversation.on_response_done,
+    "conversation.item.done": Conversation.on_item_done,
+    "mcp_list_tools.in_progress": Conversation.on_remote_tools,
+    "mcp_list_tools.completed": Conversation.on_remote_tools,
+    "mcp_list_tools.failed": Conversation.on_remote_tools,
+}
+# Events that need nothing from a terminal client (still valid, so not reported as unknown).
+QUIET_EVENTS = {
+    "input_audio_buffer.cleared",
+    "input_audio_buffer.timeout_triggered", "ping", "conversation.item.added",
+    "conversation.item.created", "conversation.item.truncated",
+    "conversation.item.deleted", "conversation.item.retrieved",
+    "conversation.item.input_audio_transcription.delta",
+    "conversation.item.input_audio_transcription.segment",
+    "response.content_part.added", "response.content_part.done",
+    "response.output_text.delta", "response.output_text.done",
+    "response.function_call_arguments.delta", "response.function_call_arguments.done",
+    "rate_limits.updated", "response.mcp_call_arguments.delta", "response.mcp_call_arguments.done",
+    "response.mcp_call.in_progress", "response.mcp_call.completed", "response.mcp_call.failed",
+    # Only on WebRTC and SIP connections, but valid events all the same.
+    "input_audio_buffer.dtmf_event_received", "output_audio_buffer.started",
+    "output_audio_buffer.stopped", "output_audio_buffer.cleared",
+}
+
+
+def decode_event(opcode: int, payload: bytes, display: Display) -> dict[str, Any] | None:
+    """A server message as an event, or None (reported once per kind) when it is not one."""
+    if opcode != websocket.ABNF.OPCODE_TEXT:
+        display.warn("ignoring a binary frame from the API", once="binary")
+        return None
+    try:
+        event = parse_json(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        display.warn("ignoring a message from the API that is not JSON", once="json")
+        return None
+    except ValueError as error:
+        display.warn(f"ignoring a message from the API {error}", once="deep")
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        display.warn("ignoring a message from the API without a type", once="type")
+        return None
+    return event
+
+
+# --- The loop -------------------------------------------------------------------------------------
+
+EVENT_SLICE = 0.02  # s of handling events before the loop turns to everything else again
+INBOX_LIMIT = 5_000  # messages waiting: past this the socket waits (TCP slows the server down)
+
+
+class Inbox:
+    """The server's messages that are not handled yet. The loop handles them in slices of
+    EVENT_SLICE, so that a flood of events cannot hold it: the microphone, the player and
+    Ctrl-C get their turn between slices. An event that comes twice (its event_id) counts once."""
+
+    def __init__(self, display: Display) -> None:
+        self.display = display
+        self.messages: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.recent: dict[str, None] = {}  # event ids, oldest first
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def add(self, messages: list[tuple[int, bytes]]) -> None:
+        self.messages.extend(messages)
+
+    def full(self) -> bool:
+        return len(self.messages) >= INBOX_LIMIT
+
+    def events(self, until: float) -> Iterator[dict[str, Any]]:
+        while self.messages and time.monotonic() < until:
+            event = decode_event(*self.messages.popleft(), self.display)
+            if event is not None and not self._repeated(event.get("event_id")):
+                yield event
+
+    def _repeated(self, event_id: Any) -> bool:
+        if not isinstance(event_id, str):
+            return False
+        if event_id in self.recent:
+            return True
+        self.recent[event_id] = None
+        if len(self.recent) > 256:
+            del self.recent[next(iter(self.recent))]
+        return False
+
+
+class Stop(Exception):
+    """A normal, clean end: Ctrl-C, SIGTERM, SIGHUP, or the --max-cost budget (with a reason)."""
+
+
+EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def ignore_exit_signals() -> None:
+    """Once the script is on its way out, a second Ctrl-C must not cut the way short. SIG_IGN,
+    unlike a Python handler, also stays in force while the interpreter shuts down."""
+    for sig in EXIT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_starting_up(signum: int, frame: Any) -> None:
+    """Before the loop runs, a signal ends start-up the ordinary way, once."""
+    ignore_exit_signals()
+    raise KeyboardInterrupt
+
+
+def run(config: Config, display: Display) -> None:
+    tools = Toolbox(config, sys.stdin.isatty(), display)
+    try:
+        memory = RoomMemory(config.plumbing)
+        recorder = start_recorder(config.plumbing)
+        try:
+            player = Player(config.plumbing, EchoGuard(memory.recall())
+                            if config.duplex == "auto" else None)
+        except BaseException:
+            recorder.kill(signal.SIGTERM)  # a player that cannot start leaves no recorder behind
+            raise
+        conversation = Conversation(config, recorder, player, display, tools)
+        check = ModelCheck(config, display) if config.provider.lists_models else None
+        try:
+            conversation.link.open(time.monotonic())  # the loop takes each step of the opening
+            try:
+                loop(conversation, [check] if check else [])
+            finally:
+                display.totals(conversation.final_spend(time.monotonic()))
+        finally:
+            if check is not None:
+                check.close()
+            conversation.recorder.kill(signal.SIGTERM)
+            conversation.player.sox.kill(signal.SIGKILL)
+            conversation.link.close()
+            if player.echo is not None:
+                memory.keep(player.echo)
+    finally:
+        tools.close()  # no MCP server outlives the script
+
+
+def loop(conversation: Conversation, others: list[ModelCheck]) -> None:
+    """One selectors loop: the WebSocket, the recorder, the player, stdin, signals, and others
+    that register their own pipes with a callback."""
+    display = conversation.display
+    selector = selectors.DefaultSelector()
+    wakeup_r, wakeup_w = socket.socketpair()
+    wakeup_r.setblocking(False)
+    wakeup_w.setblocking(False)
+    # Signals only write a byte to this socket (like asciinema's pty loop); the loop does the rest.
+    signal.set_wakeup_fd(wakeup_w.fileno())
+    for sig in EXIT_SIGNALS:
+        signal.signal(sig, lambda signum, frame: None)
+    selector.register(wakeup_r, selectors.EVENT_READ, "signal")
+    conversation.recorder.watch(selector)
+    conversation.player.sox.watch(selector)
+    conversation.tools.watch(selector)
+    for other in others:
+        other.watch(selector)
+    try:
+        selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
+    except (ValueError, OSError):  # a regular file or /dev/null cannot be watched: no typing
+        pass
+    terminal = termios.tcgetattr(sys.stdin) if display.live and sys.stdin.isatty() else None
+    if terminal:
+        tty.setcbreak(sys.stdin, termios.TCSANOW)  # no echo, no line editing; Ctrl-C still works
+    display.start()
+    # What the connection waits on changes with each step (resolver, socket, TLS socket) and with
+    # each new connection: (connection, phase, fd, events), registered again whenever it changes.
+    watched: tuple[Connection, str, int, int] | None = None
+    inbox = Inbox(display)
+    try:
+        while True:
+            connection = conversation.link.connection
+            fileobj = connection.fileobj() if connection is not None else None
+            wanted = None if connection is None or fileobj is None else \
+                (connection, connection.phase, fileobj.fileno(), connection.events())
+            if wanted != watched:
+                if watched is not None:
+                    selector.unregister(watched[2])
+                if wanted is not None:
+                    selector.register(wanted[2], wanted[3], "connection")
+                watched = wanted
+            now = time.monotonic()
+            timers = [t for t in (conversation.player.next_wakeup(now),
+                                  conversation.next_timer(now)) if t is not None]
+            if display.live:
+                timers.append(display.next_redraw() or now + 1)  # or the status line's clock
+            if inbox or (connection is not None and connection.buffered()):
+                timers.append(now)  # more to handle: look at the rest, then go on at once
+            events = selector.select(max(min(timers) - now, 0) if timers else None)
+            connection_ready = False
+            for key, _ in events:
+                what = key.data
+                if selector.get_map().get(key.fd) is not key:
+                    continue  # a sox process replaced earlier in this same round
+                if what == "signal":
+                    if wakeup_r.recv(64):
+                        ignore_exit_signals()  # the way out must not be cut short by another
+                        raise Stop
+                elif what == "connection":
+                    connection_ready = True
+                elif what == "mic":
+                    audio = read_available(key.fd)
+                    if audio == b"":
+                        conversation.on_sox_died(conversation.recorder)
+                    elif audio:
+                        conversation.on_microphone(audio)
+                elif what == "stdin":
+                    chunk = read_available(key.fd)
+                    if chunk == b"":  # EOF ends typing, not the voice session
+                        selector.unregister(key.fd)
+                    for line in display.typed(conversation.on_keys(chunk or b"")):
+                        conversation.on_typed_line(line)
+                elif isinstance(what, McpServer):
+                    what.on_readable(key.fd)
+                elif callable(what):
+                    what(key.fd)
+                elif isinstance(what, Sox):  # stderr: a FAIL line, or EOF as sox exits
+                    if not what.read_stderr() or what.failed:
+                        conversation.on_sox_died(what)
+            if connection is not None and (connection_ready or connection.buffered()) \
+                    and not inbox.full():
+                inbox.add(connection.on_ready())
+            for event in inbox.events(until=time.monotonic() + EVENT_SLICE):
+                conversation.handle(event)
+            now = time.monotonic()
+            conversation.tick(now)
+            conversation.player.pump(now)
+            display.refresh(conversation.status(now), now)
+    finally:
+        display.stop()
+        if terminal:
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, terminal)
+        signal.set_wakeup_fd(-1)
+        selector.close()
+        wakeup_r.close()
+        wakeup_w.close()
+
+
+def read_available(fd: int) -> bytes | None:
+    """What the pipe holds now: b"" at EOF, None when a wake-up found nothing after all."""
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return None
+
+
 # --- The sox processes ---------------------------------------------------------------------------
 
 # Variables of the user's environment that would change what the article's commands do.
@@ -3070,771 +3835,6 @@ class Display:
 
 def money(cost: float | None) -> str:
     return "cost unknown for this model" if cost is None else f"${cost:.4f}"
-
-
-# --- The conversation: one handler per server event ----------------------------------------------
-
-@dataclasses.dataclass
-class Turn:
-    """One turn as text, in conversation order: what a new session is told."""
-    role: str  # "user", "assistant", or "tool" (what a tool returned)
-    item_id: str
-    text: str = ""
-
-
-class History:
-    """The conversation as text, turn by turn, in order: what a new session is told, since a
-    session starts empty. Kept flat in long sessions."""
-
-    def __init__(self) -> None:
-        self.turns: list[Turn] = []
-        self.typed = 0
-
-    def remember(self, role: str, item_id: str, text: str = "") -> Turn:
-        """The turn for this item, added at the end if new."""
-        for turn in reversed(self.turns[-50:]):
-            if turn.item_id == item_id and turn.role == role:
-                break
-        else:
-            turn = Turn(role, item_id)
-            self.turns.append(turn)
-            del self.turns[:-REPLAY_TURNS * 5]
-        turn.text = text.strip() or turn.text
-        return turn
-
-    def typed_line(self, line: str) -> None:
-        self.typed += 1
-        self.remember("user", f"typed-{self.typed}", line)
-
-    def cut_off(self, transcripts: Words) -> None:
-        """The connection dropped: a reply cut off mid-way keeps the words it had."""
-        for turn in self.turns[-5:]:
-            if turn.role == "assistant" and not turn.text:
-                turn.text = transcripts.get(turn.item_id).strip()
-
-    def replay(self) -> list[dict[str, Any]]:
-        """The last turns (up to REPLAY_TURNS and REPLAY_CHARS) as items for a new session."""
-        turns = [turn for turn in self.turns if turn.text][-REPLAY_TURNS:]
-        while sum(len(turn.text) for turn in turns) > REPLAY_CHARS:
-            turns.pop(0)
-        return [{"type": "conversation.item.create", "item": {
-            "type": "message", "role": "system" if turn.role == "tool" else turn.role,
-            "content": [{"type": "output_text" if turn.role == "assistant" else "input_text",
-                         "text": turn.text}]}} for turn in turns]  # a tool's call_id means nothing now
-
-
-class Conversation:
-    """State of the talk and the handlers for the server's events (see HANDLERS below)."""
-
-    HALF_DUPLEX_TAIL = 0.3  # s of room echo after the speaker stops
-
-    def __init__(self, config: Config, recorder: Sox, player: Player, display: Display,
-                 tools: Toolbox) -> None:
-        self.config = config
-        self.link = Link(config, display)
-        self.tools = tools
-        self.history = History()
-        self.ending: str | None = None  # why we stop once the received audio has played
-        self.restarted: set[str] = set()  # sox roles restarted once already
-        self.recorder = recorder
-        self.player = player
-        self.display = display
-        self.microphone = Microphone(config.plumbing.frame_bytes)
-        # For the watchdog (a device that vanished is silent); a microphone may take seconds to wake.
-        self.mic_heard_at = time.monotonic() + MICROPHONE_WAKE
-        self.mic_ms_uncommitted = 0.0
-        self.response_active = False
-        self.user_speaking = False
-        self.interrupted: set[str] = set()  # items whose late audio and words we drop
-        self.transcripts = Words()
-        self.spend = Spend(config, display)
-
-    def send(self, event: dict[str, Any]) -> None:
-        self.link.send(event)
-
-    def tick(self, now: float) -> None:
-        """Timers: the end after the last words, and the link's (see Link.tick)."""
-        if self.ending and not self.player.busy(now):  # the last words play to their end
-            raise Stop(self.ending)
-        if self.config.provider.per_minute is not None and not self.ending:
-            self.spend.connected(self.link.minutes(now))
-            self.end_if_over_budget()
-        if self.link.tick(now, self.at_turn_boundary(now)) is not None:
-            self.on_connection_lost()
-        self.watch_sox(now)
-        self.tools.tick(now)
-        if self.link.ready and self.tools.take_changed():
-            tools: dict[str, Any] = {"tools": self.tools.declarations()}
-            self.send({"type": "session.update", "session": tools if
-                       self.config.provider.flat_session else {"type": "realtime", **tools}})
-        self.deliver_tool_outputs()
-
-    def watch_sox(self, now: float) -> None:
-        """A device that disappears (a Bluetooth headset switched off) leaves sox waiting forever
-        without a word: no microphone bytes, or a player that takes none, count as a death."""
-        if now - self.mic_heard_at > SOX_WATCHDOG:
-            self.mic_heard_at = now
-            self.on_sox_died(self.recorder, f"the sox recorder gave no audio for {SOX_WATCHDOG:g} "
-                                            "s (did the microphone go away?)")
-        if self.player.stalled(now):
-            self.on_sox_died(self.player.sox, f"the sox player took no audio for {SOX_WATCHDOG:g} "
-                                              "s (did the speaker go away?)")
-
-    def next_timer(self, now: float) -> float | None:
-        """When tick() has something to do next."""
-        if self.ending:
-            return self.player.audible_until()
-        timers = [self.link.next_timer(now), self.tools.next_timer(),
-                  self.mic_heard_at + SOX_WATCHDOG + 0.01]
-        return min(timer for timer in timers if timer is not None)
-
-    def on_connection_lost(self) -> None:
-        """The link reconnects; what was said so far is kept for the next session."""
-        self.history.cut_off(self.transcripts)
-        self.display.end_line()
-        self.response_active = self.user_speaking = False
-        self.microphone.drop()
-        self.tools.cancel_all("the connection to the API dropped")
-
-    def on_sox_died(self, sox: Sox, reason: str = "") -> None:
-        """A sox process stopped (sox exits 0 when the audio server goes away: its stderr says
-        why), or went quiet. Restart it once; if it fails again, give up with its reason."""
-        reason = reason or sox.failure()
-        device = self.config.plumbing.input_device if sox is self.recorder \
-            else self.config.plumbing.output_device
-        if device and any(sign in (sox.failed or "") for sign in UNKNOWN_DEVICE):
-            raise Fatal(f"{reason}: no {'microphone' if sox is self.recorder else 'speaker'} is "
-                        f"named {device!r}; see --list-devices", Exit.USAGE)
-        if sox.role in self.restarted:
-            raise Fatal(reason, Exit.AUDIO)
-        self.restarted.add(sox.role)
-        self.display.warn(f"{reason}; restarting it")
-        if sox is self.recorder:
-            self.recorder = sox.restart()
-            self.microphone = Microphone(self.config.plumbing.frame_bytes)  # a new sample clock
-            self.mic_heard_at = time.monotonic() + MICROPHONE_WAKE
-        else:
-            self.player.stop()
-
-    def status(self, now: float) -> str:
-        """The status line: what is happening, what it cost, how long this session has left."""
-        state = self.link.status(now) or self.activity(now)
-        parts = [state, self.spend.status()]
-        if self.link.expires_at is not None:
-            parts.append(f"{max(self.link.expires_at - now, 0) / 60:.0f} min left in this session")
-        return " · ".join(parts)
-
-    def activity(self, now: float) -> str:
-        tools = self.tools.status(now)
-        if tools:
-            return tools
-        echo = self.player.echo
-        if echo is not None and echo.interrupted_at > now - 2:
-            return "you interrupted"
-        if self.player.busy(now):
-            if echo is not None:
-                return f"assistant speaking · {echo.status()}"
-            muted = " (microphone muted)" if self.config.duplex == "half" else ""
-            return "assistant speaking" + muted
-        return "hearing you" if self.user_speaking else "listening"
-
-    def at_turn_boundary(self, now: float) -> bool:
-        return not (self.response_active or self.user_speaking or self.player.busy(now)
-                    or self.tools.busy())
-
-    def replay(self) -> int:
-        """Tell a new session the conversation so far."""
-        items = self.history.replay()
-        for item in items:
-            self.send(item)
-        return len(items)
-
-    def remember(self, role: str, item_id: str, text: str = "") -> Turn:
-        return self.history.remember(role, item_id, text)
-
-    def handle(self, message: dict[str, Any]) -> None:
-        handler = HANDLERS.get(message["type"])
-        if handler is not None:
-            try:
-                handler(self, message)
-            except (KeyError, TypeError, ValueError, AttributeError, IndexError,
-                    OverflowError) as error:
-                self.display.warn(f"skipping a malformed {message['type']!r} event ({error!r})",
-                                  once="malformed " + message["type"])
-        elif message["type"] not in QUIET_EVENTS:
-            self.display.warn(f"ignoring unknown server event {message['type']!r}",
-                              once=message["type"])
-
-    # Session
-    def on_session_created(self, event: dict[str, Any]) -> None:
-        self.link.session_created((event.get("session") or {}).get("expires_at"))
-        tools = self.tools.declarations() if self.tools.configured else None
-        self.tools.take_changed()  # they are all in this one
-        self.send({"type": "session.update", "session": session_config(self.config, tools)})
-
-    def on_conversation_created(self, event: dict[str, Any]) -> None:
-        """xAI's first event, where OpenAI's is session.created."""
-        if self.config.provider.flat_session:
-            self.on_session_created({})
-
-    def on_session_updated(self, event: dict[str, Any]) -> None:
-        if not self.link.configured():
-            return
-        if self.link.sessions > 1:
-            self.display.info(f"connected again; the model was told the last {self.replay()} "
-                              "turns")
-            return
-        how = ("press Enter to end your turn" if self.config.turn_detection == "none"
-               else "type a line to send text, Enter alone to interrupt")
-        duplex = "echo guard on" if self.config.duplex == "auto" else f"{self.config.duplex} duplex"
-        self.display.info(f"connected: {self.config.model}, voice {self.config.voice}, "
-                          f"{duplex} — speak now; {how}; Ctrl-C quits")
-
-    def on_error(self, event: dict[str, Any]) -> None:
-        error = event.get("error") or {}
-        code = error.get("code")
-        if code in FATAL_ERRORS:
-            raise Fatal(f"the API ended the session: {error.get('message')} ({code})",
-                        FATAL_ERRORS[code])
-        if code == "session_expired":
-            self.link.rolling_over = True  # the server closes next; a new session follows at once
-            return
-        self.display.warn(f"the API reported {code or error.get('type')}: {error.get('message')}")
-
-    # The person
-    def on_speech_started(self, event: dict[str, Any]) -> None:
-        self.user_speaking = True
-        self.tools.person_spoke()
-        self.interrupt(cancel=False)  # the server cancels its response itself on a VAD turn
-
-    def on_speech_stopped(self, event: dict[str, Any]) -> None:
-        self.user_speaking = False
-
-    def on_committed(self, event: dict[str, Any]) -> None:
-        self.remember("user", event.get("item_id", ""))  # its words arrive later
-
-    def on_user_transcript(self, event: dict[str, Any]) -> None:
-        self.remember("user", event.get("item_id", ""), event.get("transcript", "").strip())
-        self.config.log.write(speaker="user", item_id=event.get("item_id"),
-                              text=event.get("transcript", "").strip())
-        self.display.user(event.get("transcript", ""))
-
-    def on_user_transcript_failed(self, event: dict[str, Any]) -> None:
-        self.display.warn(f"could not transcribe what you said: "
-                          f"{(event.get('error') or {}).get('message')}")
-
-    # The assistant
-    def on_response_created(self, event: dict[str, Any]) -> None:
-        self.response_active = True
-
-    def on_output_item(self, event: dict[str, Any]) -> None:
-        item = event.get("item") or {}
-        if item.get("type") == "message":
-            self.remember("assistant", item.get("id", ""))
-        elif item.get("type") == "mcp_call":  # a remote server's tool, called by the API
-            self.tools.remote_activity[item["id"]] = \
-                f"running {item.get('name')} on {item.get('server_label')} (through the API)…"
-
-    def on_output_item_done(self, event: dict[str, Any]) -> None:
-        """A function call is run only once complete: interrupted and cancelled ones end here
-        too, with another status."""
-        item = event.get("item") or {}
-        if item.get("type") == "function_call" and item.get("status") == "completed":
-            call = self.tools.call(item["call_id"], item["name"], item.get("arguments", ""),
-                                   time.monotonic())
-            self.display.tool_call(call.shown)
-        elif item.get("type") == "mcp_approval_request":
-            call = self.tools.approval_requested(item, time.monotonic())
-            self.display.tool_call(f"{call.shown} on {item.get('server_label')}")
-        elif item.get("type") == "mcp_call":
-            self.tools.remote_activity.pop(item.get("id", ""), None)
-            error = item.get("error")
-            output = item.get("output") or (f"Error: {error.get('message') or error.get('type')}"
-                                            if isinstance(error, dict) else "")
-            shown = f"{item.get('name')}({item.get('arguments', '')})"
-            self.display.tool_call(f"{shown} on {item.get('server_label')} (through the API)")
-            self.tool_returned(item.get("id", ""), shown, output, name=item.get("name"),
-                               server=item.get("server_label"), arguments=item.get("arguments"))
-
-    def on_remote_tools(self, event: dict[str, Any]) -> None:
-        """mcp_list_tools.*: the API lists a remote server's tools, at the session's start."""
-        item_id = event.get("item_id", "")
-        if event["type"] == "mcp_list_tools.in_progress":
-            self.tools.remote_activity[item_id] = "the API is listing the remote MCP tools…"
-            return
-        self.tools.remote_activity.pop(item_id, None)
-        if event["type"] == "mcp_list_tools.failed":
-            self.display.warn("the API could not list the tools of a --mcp-url server; going on "
-                              "without them")
-
-    def on_item_done(self, event: dict[str, Any]) -> None:
-        item = event.get("item") or {}
-        if item.get("type") == "mcp_list_tools":
-            names = ", ".join(tool.get("name", "?") for tool in item.get("tools") or []) or "none"
-            self.display.info(f"tools from {item.get('server_label')} (through the API): {names}")
-
-    def on_audio_delta(self, event: dict[str, Any]) -> None:
-        if event.get("item_id") in self.interrupted:
-            return
-        try:
-            audio = base64.b64decode(event["delta"], validate=True)
-        except (binascii.Error, KeyError, TypeError):
-            self.display.warn("skipping audio that is not valid base64", once="base64")
-            return
-        self.player.add(event["item_id"], audio, time.monotonic())  # the loop pumps it next
-
-    def on_audio_done(self, event: dict[str, Any]) -> None:
-        if event.get("item_id") not in self.interrupted:
-            self.player.finish(event.get("item_id", ""))
-
-    def on_transcript_delta(self, event: dict[str, Any]) -> None:
-        item_id = event.get("item_id", "")
-        if item_id not in self.interrupted:
-            self.transcripts.add(item_id, event.get("delta", ""))
-            self.display.assistant_delta(item_id, event.get("delta", ""))
-
-    def on_transcript_done(self, event: dict[str, Any]) -> None:
-        item_id = event.get("item_id", "")
-        if item_id not in self.interrupted:
-            self.transcripts.set(item_id, event.get("transcript", ""))
-            self.remember("assistant", item_id, self.transcripts.get(item_id))
-            self.display.assistant_done(item_id, self.transcripts.get(item_id))
-
-    def on_response_done(self, event: dict[str, Any]) -> None:
-        self.response_active = False
-        response = event.get("response") or {}
-        if response.get("status") == "failed":
-            error = (response.get("status_details") or {}).get("error") or {}
-            self.display.warn(f"the response failed: {error.get('code')} {error.get('message', '')}")
-        usage = response.get("usage") or {}
-        figures = checked_usage(usage) if usage else None
-        if usage and figures is None:
-            self.display.warn("the API sent usage figures that are not token counts; responses "
-                              "with such figures are not counted", once="usage")
-        cost = self.spend.cost_of(figures)
-        ids = [item.get("id", "") for item in response.get("output") or []
-               if item.get("type") == "message"]
-        self.config.log.write(
-            speaker="assistant", item_ids=ids, status=response.get("status"),
-            text=" ".join(self.transcripts.get(item_id) for item_id in ids).strip(),
-            heard="truncated" if set(ids) & self.interrupted else "full", usage=usage,
-            cost_usd=cost)
-        self.transcripts.keep(self.player.items)
-        if figures or self.config.provider.per_minute is not None:
-            self.spend.count(figures, self.link.minutes(time.monotonic()))
-            self.end_if_over_budget()
-
-    def end_if_over_budget(self) -> None:
-        reason = self.spend.over_budget()
-        if reason is not None:
-            self.ending = reason
-            if self.response_active:
-                self.send({"type": "response.cancel"})
-
-    def final_spend(self, now: float) -> Spend:
-        self.spend.connected(self.link.minutes(now))
-        return self.spend
-
-    # Actions of ours
-    def deliver_tool_outputs(self) -> None:
-        """Finished calls go back to the model; one reply follows once every call is answered and
-        no response is running (a response.create during one is refused)."""
-        for done in self.tools.take_outputs():
-            call = done.call
-            if call.approval_request:  # the API runs it, or not, and goes on by itself
-                self.display.tool_result("approved" if done.approve else "refused")
-                self.config.log.write(event="tool approval", name=call.name,
-                                      arguments=call.arguments, approved_by=done.approval,
-                                      approve=done.approve)
-                self.send({"type": "conversation.item.create", "item": {
-                    "type": "mcp_approval_response", "id": f"approval_{call.call_id}"[:32],
-                    "approval_request_id": call.approval_request, "approve": done.approve}})
-                continue
-            self.tool_returned(call.call_id, call.shown, done.output, not done.cancelled,
-                               call_id=call.call_id, name=call.name, arguments=call.arguments,
-                               approved_by=done.approval)
-            self.send({"type": "conversation.item.create", "item": {
-                "type": "function_call_output", "call_id": call.call_id, "output": done.output}})
-        if self.tools.reply_owed and not (self.tools.busy() or self.response_active
-                                          or self.user_speaking) and self.link.ready:
-            self.tools.reply_owed = False
-            self.send({"type": "response.create"})
-
-    def tool_returned(self, item_id: str, shown: str, output: str, kept: bool = True,
-                      **record: Any) -> None:
-        """A tool's result, local or remote: on screen, in the log, and (unless cancelled) in
-        what a new session is told."""
-        self.display.tool_result(output)
-        self.config.log.write(event="tool", **record, result=output[:LOGGED_RESULT_CHARS])
-        if kept:
-            self.remember("tool", item_id, f"Earlier, the tool call {shown} returned: "
-                                           f"{output[:LOGGED_RESULT_CHARS]}")
-
-    def on_keys(self, chunk: bytes) -> bytes:
-        """A question about a tool takes the next key: y runs it, any other refuses. The rest
-        of what was typed goes to the line being edited."""
-        if not chunk or self.tools.question is None:
-            return chunk
-        key, rest = chunk[:1], chunk[1:]
-        self.tools.answer(key in (b"y", b"Y"), time.monotonic())
-        return rest[1:] if rest[:1] in (b"\r", b"\n") and key not in (b"\r", b"\n") else rest
-
-    def interrupt(self, cancel: bool) -> None:
-        """Barge-in: silence the player and tell the server exactly how much was heard."""
-        now = time.monotonic()
-        if self.config.plumbing.barge_in and self.player.busy(now):
-            for item in self.player.items.values():
-                self.truncate(item, now)
-            self.player.stop()
-        if cancel and self.response_active:
-            self.send({"type": "response.cancel"})
-
-    def truncate(self, item: HeardItem, now: float) -> None:
-        heard_ms = self.player.heard_ms(item, now)
-        received_ms = item.received * 1000 // BYTES_PER_SECOND
-        if item.complete and heard_ms >= received_ms:
-            return  # heard to the end: nothing to take back
-        if self.config.provider.truncates:  # else the model remembers the whole reply
-            self.send({"type": "conversation.item.truncate", "item_id": item.item_id,
-                       "content_index": 0, "audio_end_ms": min(heard_ms, received_ms)})
-        self.interrupted.add(item.item_id)
-        words = self.transcripts.get(item.item_id)
-        heard = words[:round(len(words) * heard_ms / max(received_ms, 1))]
-        self.remember("assistant", item.item_id).text = heard
-        self.config.log.write(event="truncated", item_id=item.item_id, heard_ms=heard_ms,
-                              heard_text=heard)
-        self.display.interrupted(words, heard_ms / max(received_ms, 1))
-
-    def on_microphone(self, audio: bytes) -> None:
-        """Recorder bytes → 20 ms appends (sox delivers 4096-byte pieces on Linux), each one
-        screened for the assistant's own voice coming back from the speakers (--duplex)."""
-        now = self.mic_heard_at = time.monotonic()
-        frames = self.microphone.frames(audio, now)
-        if not self.link.ready or self.ending:
-            return  # no session configured (yet, or while reconnecting): the audio is dropped
-        for frame, captured in frames:
-            for sent in self.screen(frame, captured, now):
-                self.send({"type": "input_audio_buffer.append",
-                           "audio": base64.b64encode(sent).decode()})
-                self.mic_ms_uncommitted += len(sent) * 1000 / BYTES_PER_SECOND
-
-    def screen(self, frame: bytes, captured: float, now: float) -> list[bytes]:
-        """What the server gets of this frame: the frame, silence in its place (the model must
-        not hear its own voice), or, when the echo guard hears the person speak over the
-        assistant, the frames it held back since just before they started."""
-        echo = self.player.echo
-        if echo is not None:
-            verdict = echo.hear(frame, captured)
-            if verdict == EchoGuard.PERSON:
-                self.barge_in_by_voice(echo)
-                return echo.preroll()
-            return [bytes(len(frame)) if verdict == EchoGuard.HOLD else frame]
-        if self.config.duplex == "half" and (
-                self.player.busy(now) or now < self.player.audible_until() + self.HALF_DUPLEX_TAIL):
-            return [bytes(len(frame))]
-        return [frame]
-
-    def barge_in_by_voice(self, echo: EchoGuard) -> None:
-        """The person spoke over the assistant: stop it now, as the server's VAD would a moment
-        later, and tell the server (its VAD starts on the audio that follows)."""
-        path = echo.path
-        self.config.log.write(event="barge-in", by="voice",
-                              echo_gain_db=round(path.gain_db, 1) if path else None,
-                              echo_delay_ms=round(path.delay * ECHO_BIN * 1000) if path else None)
-        self.interrupt(cancel=True)
-
-    def on_typed_line(self, line: str) -> None:
-        if not self.link.ready:
-            self.display.warn("not connected yet; type again in a moment")
-            return
-        if line.strip():
-            self.tools.person_spoke()
-            self.history.typed_line(line.strip())
-            self.config.log.write(speaker="user", typed=True, text=line.strip())
-            self.interrupt(cancel=True)
-            self.send({"type": "conversation.item.create", "item": {
-                "type": "message", "role": "user",
-                "content": [{"type": "input_text", "text": line.strip()}]}})
-            self.send({"type": "response.create"})
-            self.display.user(line)
-        elif self.config.turn_detection == "none" and not self.player.busy(time.monotonic()):
-            self.end_manual_turn()
-        else:
-            self.interrupt(cancel=True)
-            self.tools.cancel_all("the person interrupted")
-            if self.config.turn_detection == "none":
-                self.send({"type": "input_audio_buffer.clear"})
-                self.mic_ms_uncommitted = 0
-
-    def end_manual_turn(self) -> None:
-        if self.mic_ms_uncommitted < 100:  # the API rejects commits of less than 100 ms
-            self.display.warn("nothing recorded yet: speak, then press Enter")
-            return
-        self.send({"type": "input_audio_buffer.commit"})
-        self.send({"type": "response.create"})
-        self.mic_ms_uncommitted = 0
-
-
-Handler = Callable[[Conversation, dict[str, Any]], None]
-HANDLERS: dict[str, Handler] = {
-    "session.created": Conversation.on_session_created,
-    "session.updated": Conversation.on_session_updated,
-    "conversation.created": Conversation.on_conversation_created,
-    "error": Conversation.on_error,
-    "input_audio_buffer.speech_started": Conversation.on_speech_started,
-    "input_audio_buffer.speech_stopped": Conversation.on_speech_stopped,
-    "input_audio_buffer.committed": Conversation.on_committed,
-    "conversation.item.input_audio_transcription.completed": Conversation.on_user_transcript,
-    "conversation.item.input_audio_transcription.failed": Conversation.on_user_transcript_failed,
-    "response.created": Conversation.on_response_created,
-    "response.output_item.added": Conversation.on_output_item,
-    "response.output_item.done": Conversation.on_output_item_done,
-    "response.output_audio.delta": Conversation.on_audio_delta,
-    "response.output_audio.done": Conversation.on_audio_done,
-    "response.output_audio_transcript.delta": Conversation.on_transcript_delta,
-    "response.output_audio_transcript.done": Conversation.on_transcript_done,
-    "response.done": Conversation.on_response_done,
-    "conversation.item.done": Conversation.on_item_done,
-    "mcp_list_tools.in_progress": Conversation.on_remote_tools,
-    "mcp_list_tools.completed": Conversation.on_remote_tools,
-    "mcp_list_tools.failed": Conversation.on_remote_tools,
-}
-# Events that need nothing from a terminal client (still valid, so not reported as unknown).
-QUIET_EVENTS = {
-    "input_audio_buffer.cleared",
-    "input_audio_buffer.timeout_triggered", "ping", "conversation.item.added",
-    "conversation.item.created", "conversation.item.truncated",
-    "conversation.item.deleted", "conversation.item.retrieved",
-    "conversation.item.input_audio_transcription.delta",
-    "conversation.item.input_audio_transcription.segment",
-    "response.content_part.added", "response.content_part.done",
-    "response.output_text.delta", "response.output_text.done",
-    "response.function_call_arguments.delta", "response.function_call_arguments.done",
-    "rate_limits.updated", "response.mcp_call_arguments.delta", "response.mcp_call_arguments.done",
-    "response.mcp_call.in_progress", "response.mcp_call.completed", "response.mcp_call.failed",
-    # Only on WebRTC and SIP connections, but valid events all the same.
-    "input_audio_buffer.dtmf_event_received", "output_audio_buffer.started",
-    "output_audio_buffer.stopped", "output_audio_buffer.cleared",
-}
-
-
-def decode_event(opcode: int, payload: bytes, display: Display) -> dict[str, Any] | None:
-    """A server message as an event, or None (reported once per kind) when it is not one."""
-    if opcode != websocket.ABNF.OPCODE_TEXT:
-        display.warn("ignoring a binary frame from the API", once="binary")
-        return None
-    try:
-        event = parse_json(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        display.warn("ignoring a message from the API that is not JSON", once="json")
-        return None
-    except ValueError as error:
-        display.warn(f"ignoring a message from the API {error}", once="deep")
-        return None
-    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-        display.warn("ignoring a message from the API without a type", once="type")
-        return None
-    return event
-
-
-# --- The loop -------------------------------------------------------------------------------------
-
-EVENT_SLICE = 0.02  # s of handling events before the loop turns to everything else again
-INBOX_LIMIT = 5_000  # messages waiting: past this the socket waits (TCP slows the server down)
-
-
-class Inbox:
-    """The server's messages that are not handled yet. The loop handles them in slices of
-    EVENT_SLICE, so that a flood of events cannot hold it: the microphone, the player and
-    Ctrl-C get their turn between slices. An event that comes twice (its event_id) counts once."""
-
-    def __init__(self, display: Display) -> None:
-        self.display = display
-        self.messages: collections.deque[tuple[int, bytes]] = collections.deque()
-        self.recent: dict[str, None] = {}  # event ids, oldest first
-
-    def __len__(self) -> int:
-        return len(self.messages)
-
-    def add(self, messages: list[tuple[int, bytes]]) -> None:
-        self.messages.extend(messages)
-
-    def full(self) -> bool:
-        return len(self.messages) >= INBOX_LIMIT
-
-    def events(self, until: float) -> Iterator[dict[str, Any]]:
-        while self.messages and time.monotonic() < until:
-            event = decode_event(*self.messages.popleft(), self.display)
-            if event is not None and not self._repeated(event.get("event_id")):
-                yield event
-
-    def _repeated(self, event_id: Any) -> bool:
-        if not isinstance(event_id, str):
-            return False
-        if event_id in self.recent:
-            return True
-        self.recent[event_id] = None
-        if len(self.recent) > 256:
-            del self.recent[next(iter(self.recent))]
-        return False
-
-
-class Stop(Exception):
-    """A normal, clean end: Ctrl-C, SIGTERM, SIGHUP, or the --max-cost budget (with a reason)."""
-
-
-EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def ignore_exit_signals() -> None:
-    """Once the script is on its way out, a second Ctrl-C must not cut the way short. SIG_IGN,
-    unlike a Python handler, also stays in force while the interpreter shuts down."""
-    for sig in EXIT_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def stop_starting_up(signum: int, frame: Any) -> None:
-    """Before the loop runs, a signal ends start-up the ordinary way, once."""
-    ignore_exit_signals()
-    raise KeyboardInterrupt
-
-
-def run(config: Config, display: Display) -> None:
-    tools = Toolbox(config, sys.stdin.isatty(), display)
-    try:
-        memory = RoomMemory(config.plumbing)
-        recorder = start_recorder(config.plumbing)
-        try:
-            player = Player(config.plumbing, EchoGuard(memory.recall())
-                            if config.duplex == "auto" else None)
-        except BaseException:
-            recorder.kill(signal.SIGTERM)  # a player that cannot start leaves no recorder behind
-            raise
-        conversation = Conversation(config, recorder, player, display, tools)
-        check = ModelCheck(config, display) if config.provider.lists_models else None
-        try:
-            conversation.link.open(time.monotonic())  # the loop takes each step of the opening
-            try:
-                loop(conversation, [check] if check else [])
-            finally:
-                display.totals(conversation.final_spend(time.monotonic()))
-        finally:
-            if check is not None:
-                check.close()
-            conversation.recorder.kill(signal.SIGTERM)
-            conversation.player.sox.kill(signal.SIGKILL)
-            conversation.link.close()
-            if player.echo is not None:
-                memory.keep(player.echo)
-    finally:
-        tools.close()  # no MCP server outlives the script
-
-
-def loop(conversation: Conversation, others: list[ModelCheck]) -> None:
-    """One selectors loop: the WebSocket, the recorder, the player, stdin, signals, and others
-    that register their own pipes with a callback."""
-    display = conversation.display
-    selector = selectors.DefaultSelector()
-    wakeup_r, wakeup_w = socket.socketpair()
-    wakeup_r.setblocking(False)
-    wakeup_w.setblocking(False)
-    # Signals only write a byte to this socket (like asciinema's pty loop); the loop does the rest.
-    signal.set_wakeup_fd(wakeup_w.fileno())
-    for sig in EXIT_SIGNALS:
-        signal.signal(sig, lambda signum, frame: None)
-    selector.register(wakeup_r, selectors.EVENT_READ, "signal")
-    conversation.recorder.watch(selector)
-    conversation.player.sox.watch(selector)
-    conversation.tools.watch(selector)
-    for other in others:
-        other.watch(selector)
-    try:
-        selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
-    except (ValueError, OSError):  # a regular file or /dev/null cannot be watched: no typing
-        pass
-    terminal = termios.tcgetattr(sys.stdin) if display.live and sys.stdin.isatty() else None
-    if terminal:
-        tty.setcbreak(sys.stdin, termios.TCSANOW)  # no echo, no line editing; Ctrl-C still works
-    display.start()
-    # What the connection waits on changes with each step (resolver, socket, TLS socket) and with
-    # each new connection: (connection, phase, fd, events), registered again whenever it changes.
-    watched: tuple[Connection, str, int, int] | None = None
-    inbox = Inbox(display)
-    try:
-        while True:
-            connection = conversation.link.connection
-            fileobj = connection.fileobj() if connection is not None else None
-            wanted = None if connection is None or fileobj is None else \
-                (connection, connection.phase, fileobj.fileno(), connection.events())
-            if wanted != watched:
-                if watched is not None:
-                    selector.unregister(watched[2])
-                if wanted is not None:
-                    selector.register(wanted[2], wanted[3], "connection")
-                watched = wanted
-            now = time.monotonic()
-            timers = [t for t in (conversation.player.next_wakeup(now),
-                                  conversation.next_timer(now)) if t is not None]
-            if display.live:
-                timers.append(display.next_redraw() or now + 1)  # or the status line's clock
-            if inbox or (connection is not None and connection.buffered()):
-                timers.append(now)  # more to handle: look at the rest, then go on at once
-            events = selector.select(max(min(timers) - now, 0) if timers else None)
-            connection_ready = False
-            for key, _ in events:
-                what = key.data
-                if selector.get_map().get(key.fd) is not key:
-                    continue  # a sox process replaced earlier in this same round
-                if what == "signal":
-                    if wakeup_r.recv(64):
-                        ignore_exit_signals()  # the way out must not be cut short by another
-                        raise Stop
-                elif what == "connection":
-                    connection_ready = True
-                elif what == "mic":
-                    audio = read_available(key.fd)
-                    if audio == b"":
-                        conversation.on_sox_died(conversation.recorder)
-                    elif audio:
-                        conversation.on_microphone(audio)
-                elif what == "stdin":
-                    chunk = read_available(key.fd)
-                    if chunk == b"":  # EOF ends typing, not the voice session
-                        selector.unregister(key.fd)
-                    for line in display.typed(conversation.on_keys(chunk or b"")):
-                        conversation.on_typed_line(line)
-                elif isinstance(what, McpServer):
-                    what.on_readable(key.fd)
-                elif callable(what):
-                    what(key.fd)
-                elif isinstance(what, Sox):  # stderr: a FAIL line, or EOF as sox exits
-                    if not what.read_stderr() or what.failed:
-                        conversation.on_sox_died(what)
-            if connection is not None and (connection_ready or connection.buffered()) \
-                    and not inbox.full():
-                inbox.add(connection.on_ready())
-            for event in inbox.events(until=time.monotonic() + EVENT_SLICE):
-                conversation.handle(event)
-            now = time.monotonic()
-            conversation.tick(now)
-            conversation.player.pump(now)
-            display.refresh(conversation.status(now), now)
-    finally:
-        display.stop()
-        if terminal:
-            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, terminal)
-        signal.set_wakeup_fd(-1)
-        selector.close()
-        wakeup_r.close()
-        wakeup_w.close()
-
-
-def read_available(fd: int) -> bytes | None:
-    """What the pipe holds now: b"" at EOF, None when a wake-up found nothing after all."""
-    try:
-        return os.read(fd, 65536)
-    except BlockingIOError:
-        return None
 
 
 # --- The audio check and the device list: no API key needed ---------------------------------------
