@@ -15,9 +15,10 @@ API" (noboru-kudo, 2024), moved onto today's GA interface. One thread, one `sele
     sox recorder --stdout--> 20 ms frames --> input_audio_buffer.append --> WebSocket
     WebSocket --> response.output_audio.delta --> our queue --paced--> sox player --stdin
 
-Read top to bottom: configuration, the sox processes, the echo guard (--duplex auto), the
-connection (opened step by step by the loop), staying connected, tools (MCP servers), the screen,
-the conversation (one handler per server event), the loop, the audio check, and `main`.
+Read top to bottom: the configuration; the core, which is the conversation (one handler per
+server event) and the loop; then what the core calls: the sox processes, the echo guard (--duplex
+auto), what servers may send, the connection (opened step by step by the loop), staying
+connected, models going away, tools (MCP servers), the screen and costs; the audio check; `main`.
 """
 
 from __future__ import annotations
