@@ -1213,8 +1213,9 @@ def run(config: Config, display: Display) -> None:
 
 
 def loop(conversation: Conversation, others: list[ModelCheck]) -> None:
-    """One selectors loop: the WebSocket, the recorder, the player, stdin, signals, and others
-    that register their own pipes with a callback."""
+    """One selectors loop over the WebSocket, the recorder, the player, stdin, signals, MCP
+    servers and others; each registers its own pipes with a callback, as in the selectors
+    documentation's example."""
     display = conversation.display
     selector = selectors.DefaultSelector()
     wakeup_r, wakeup_w = socket.socketpair()
@@ -1224,14 +1225,29 @@ def loop(conversation: Conversation, others: list[ModelCheck]) -> None:
     signal.set_wakeup_fd(wakeup_w.fileno())
     for sig in EXIT_SIGNALS:
         signal.signal(sig, lambda signum, frame: None)
-    selector.register(wakeup_r, selectors.EVENT_READ, "signal")
-    conversation.recorder.watch(selector)
-    conversation.player.sox.watch(selector)
+
+    def on_signal(fd: int) -> None:
+        if wakeup_r.recv(64):
+            ignore_exit_signals()  # the way out must not be cut short by another
+            raise Stop
+
+    def on_keys(fd: int) -> None:
+        chunk = read_available(fd)
+        if chunk == b"":  # EOF ends typing, not the voice session
+            selector.unregister(fd)
+        for line in display.typed(conversation.on_keys(chunk or b"")):
+            conversation.on_typed_line(line)
+
+    ready: list[bool] = []  # the connection's socket (or resolver) is ready this turn
+
+    selector.register(wakeup_r, selectors.EVENT_READ, on_signal)
+    conversation.recorder.watch(selector, conversation.on_sox_died, conversation.on_microphone)
+    conversation.player.sox.watch(selector, conversation.on_sox_died)
     conversation.tools.watch(selector)
     for other in others:
         other.watch(selector)
     try:
-        selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "stdin")
+        selector.register(sys.stdin.fileno(), selectors.EVENT_READ, on_keys)
     except (ValueError, OSError):  # a regular file or /dev/null cannot be watched: no typing
         pass
     terminal = termios.tcgetattr(sys.stdin) if display.live and sys.stdin.isatty() else None
@@ -1252,7 +1268,7 @@ def loop(conversation: Conversation, others: list[ModelCheck]) -> None:
                 if watched is not None:
                     selector.unregister(watched[2])
                 if wanted is not None:
-                    selector.register(wanted[2], wanted[3], "connection")
+                    selector.register(wanted[2], wanted[3], lambda fd: ready.append(True))
                 watched = wanted
             now = time.monotonic()
             timers = [t for t in (conversation.player.next_wakeup(now),
@@ -1262,38 +1278,11 @@ def loop(conversation: Conversation, others: list[ModelCheck]) -> None:
             if inbox or (connection is not None and connection.buffered()):
                 timers.append(now)  # more to handle: look at the rest, then go on at once
             events = selector.select(max(min(timers) - now, 0) if timers else None)
-            connection_ready = False
-            for key, _ in events:
-                what = key.data
-                if selector.get_map().get(key.fd) is not key:
-                    continue  # a sox process replaced earlier in this same round
-                if what == "signal":
-                    if wakeup_r.recv(64):
-                        ignore_exit_signals()  # the way out must not be cut short by another
-                        raise Stop
-                elif what == "connection":
-                    connection_ready = True
-                elif what == "mic":
-                    audio = read_available(key.fd)
-                    if audio == b"":
-                        conversation.on_sox_died(conversation.recorder)
-                    elif audio:
-                        conversation.on_microphone(audio)
-                elif what == "stdin":
-                    chunk = read_available(key.fd)
-                    if chunk == b"":  # EOF ends typing, not the voice session
-                        selector.unregister(key.fd)
-                    for line in display.typed(conversation.on_keys(chunk or b"")):
-                        conversation.on_typed_line(line)
-                elif isinstance(what, McpServer):
-                    what.on_readable(key.fd)
-                elif callable(what):
-                    what(key.fd)
-                elif isinstance(what, Sox):  # stderr: a FAIL line, or EOF as sox exits
-                    if not what.read_stderr() or what.failed:
-                        conversation.on_sox_died(what)
-            if connection is not None and (connection_ready or connection.buffered()) \
-                    and not inbox.full():
+            ready.clear()
+            for key, _ in events:  # each owner registered its own pipes, with its callback
+                if selector.get_map().get(key.fd) is key:  # not a sox replaced in this round
+                    key.data(key.fd)
+            if connection is not None and (ready or connection.buffered()) and not inbox.full():
                 inbox.add(connection.on_ready())
             for event in inbox.events(until=time.monotonic() + EVENT_SLICE):
                 conversation.handle(event)
@@ -1356,6 +1345,8 @@ class Sox:
     def __init__(self, role: str, args: list[str], env_extra: dict[str, str]) -> None:
         self.role, self.args, self.env_extra = role, args, env_extra
         self.selector: selectors.BaseSelector | None = None
+        self.on_death: Callable[[Sox], None] = lambda sox: None
+        self.on_audio: Callable[[bytes], None] | None = None
         self.stderr = StderrTail()
         self.failed: str | None = None  # the last `sox FAIL` line
         # Own session: the terminal's Ctrl-C reaches us only, and we stop sox in our own order.
@@ -1376,14 +1367,29 @@ class Sox:
         self.kill(signal.SIGKILL)
         again = Sox(self.role, self.args, self.env_extra)
         if selector:
-            again.watch(selector)
+            again.watch(selector, self.on_death, self.on_audio)
         return again
 
-    def watch(self, selector: selectors.BaseSelector) -> None:
-        self.selector = selector
-        selector.register(self.process.stderr, selectors.EVENT_READ, self)  # type: ignore[arg-type]
+    def watch(self, selector: selectors.BaseSelector, on_death: Callable[[Sox], None],
+              on_audio: Callable[[bytes], None] | None = None) -> None:
+        """The loop calls back: `on_audio` with the recorder's bytes, `on_death` when sox stops
+        (its stderr says FAIL, or ends as it exits)."""
+        self.selector, self.on_death, self.on_audio = selector, on_death, on_audio
+        assert self.process.stderr is not None
+        selector.register(self.process.stderr, selectors.EVENT_READ, self._stderr_ready)
         if self.process.stdout:
-            selector.register(self.process.stdout, selectors.EVENT_READ, "mic")
+            selector.register(self.process.stdout, selectors.EVENT_READ, self._audio_ready)
+
+    def _stderr_ready(self, fd: int) -> None:
+        if not self.read_stderr() or self.failed:
+            self.on_death(self)
+
+    def _audio_ready(self, fd: int) -> None:
+        audio = read_available(fd)
+        if audio == b"":
+            self.on_death(self)
+        elif audio and self.on_audio is not None:
+            self.on_audio(audio)
 
     def unwatch(self) -> None:
         for stream in (self.process.stdout, self.process.stderr):
@@ -3282,7 +3288,8 @@ class McpServer:
         if self.process is not None and self.state != "failed":
             self.selector = selector
             for stream in (self.process.stdout, self.process.stderr):
-                selector.register(stream, selectors.EVENT_READ, self)  # type: ignore[arg-type]
+                if stream is not None:
+                    selector.register(stream, selectors.EVENT_READ, self.on_readable)
 
     def close(self, wait: float = 1.0) -> None:
         """End it: stdin closed is the protocol's way, then SIGTERM, then SIGKILL, to its whole

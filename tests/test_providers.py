@@ -115,6 +115,7 @@ def test_models_going_away_are_named_with_their_replacements(serve, run_client):
     client = run_client(server, "--model", "gpt-realtime", "--transcription-model",
                         "gpt-4o-transcribe")
     client.wait_for("connected")
+    client.wait_for("shuts down")  # asked beside the talk, not before it
     client.type("Hello")
     client.wait_for("tokens in")
     assert client.stop() == 0
@@ -132,6 +133,9 @@ def test_models_going_away_are_named_with_their_replacements(serve, run_client):
     quiet = serve(script, models={"gpt-realtime-2.1": None})
     client = run_client(quiet)
     client.wait_for("connected")
+    deadline = time.monotonic() + 10
+    while len(quiet.models_asked) < 2 and time.monotonic() < deadline:  # it asks beside the talk
+        time.sleep(0.02)
     client.type("Hello")
     client.wait_for("tokens in")
     assert client.stop() == 0
