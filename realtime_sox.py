@@ -611,8 +611,9 @@ class Conversation:
     HALF_DUPLEX_TAIL = 0.3  # s of room echo after the speaker stops
 
     def __init__(self, config: Config, recorder: Sox, player: Player, display: Display,
-                 tools: Toolbox) -> None:
+                 tools: Toolbox, echo: EchoGuard | None) -> None:
         self.config = config
+        self.echo = echo  # the player feeds it what it plays; the microphone, what it hears
         self.link = Link(config, display)
         self.tools = tools
         self.history = History()
@@ -631,6 +632,22 @@ class Conversation:
         self.transcripts = Words()
         self.spend = Spend(config, display)
 
+    def connect(self, now: float) -> None:
+        self.link.open(now)
+
+    def watch(self, selector: selectors.BaseSelector) -> None:
+        """The conversation's pipes: both sox processes' and the MCP servers'."""
+        self.recorder.watch(selector, self.on_sox_died, self.on_microphone)
+        self.player.watch(selector, self.on_sox_died)
+        self.tools.watch(selector)
+
+    def close(self) -> None:
+        """The recorder stopped, the player at once (what it holds is not wanted), the socket
+        closed."""
+        self.recorder.kill(signal.SIGTERM)
+        self.player.close()
+        self.link.close()
+
     def send(self, event: dict[str, Any]) -> None:
         self.link.send(event)
 
@@ -645,7 +662,7 @@ class Conversation:
             self.on_connection_lost()
         self.watch_sox(now)
         self.tools.tick(now)
-        if self.link.ready and self.tools.take_changed():
+        if self.link.is_ready() and self.tools.take_changed():
             tools: dict[str, Any] = {"tools": self.tools.declarations()}
             self.send({"type": "session.update", "session": tools if
                        self.config.provider.flat_session else {"type": "realtime", **tools}})
@@ -658,9 +675,10 @@ class Conversation:
             self.mic_heard_at = now
             self.on_sox_died(self.recorder, f"the sox recorder gave no audio for {SOX_WATCHDOG:g} "
                                             "s (did the microphone go away?)")
-        if self.player.stalled(now):
-            self.on_sox_died(self.player.sox, f"the sox player took no audio for {SOX_WATCHDOG:g} "
-                                              "s (did the speaker go away?)")
+        stalled = self.player.stalled(now)
+        if stalled is not None:
+            self.on_sox_died(stalled, f"the sox player took no audio for {SOX_WATCHDOG:g} s (did "
+                                      "the speaker go away?)")
 
     def next_timer(self, now: float) -> float | None:
         """When tick() has something to do next."""
@@ -702,15 +720,16 @@ class Conversation:
         """The status line: what is happening, what it cost, how long this session has left."""
         state = self.link.status(now) or self.activity(now)
         parts = [state, self.spend.status()]
-        if self.link.expires_at is not None:
-            parts.append(f"{max(self.link.expires_at - now, 0) / 60:.0f} min left in this session")
+        left = self.link.minutes_left(now)
+        if left is not None:
+            parts.append(f"{left:.0f} min left in this session")
         return " · ".join(parts)
 
     def activity(self, now: float) -> str:
         tools = self.tools.status(now)
         if tools:
             return tools
-        echo = self.player.echo
+        echo = self.echo
         if echo is not None and echo.interrupted_at > now - 2:
             return "you interrupted"
         if self.player.busy(now):
@@ -762,7 +781,7 @@ class Conversation:
     def on_session_updated(self, event: dict[str, Any]) -> None:
         if not self.link.configured():
             return
-        if self.link.sessions > 1:
+        if self.link.is_again():
             self.display.info(f"connected again; the model was told the last {self.replay()} "
                               "turns")
             return
@@ -779,7 +798,7 @@ class Conversation:
             raise Fatal(f"the API ended the session: {error.get('message')} ({code})",
                         FATAL_ERRORS[code])
         if code == "session_expired":
-            self.link.rolling_over = True  # the server closes next; a new session follows at once
+            self.link.expiring()
             return
         self.display.warn(f"the API reported {code or error.get('type')}: {error.get('message')}")
 
@@ -814,8 +833,8 @@ class Conversation:
         if item.get("type") == "message":
             self.remember("assistant", item.get("id", ""))
         elif item.get("type") == "mcp_call":  # a remote server's tool, called by the API
-            self.tools.remote_activity[item["id"]] = \
-                f"running {item.get('name')} on {item.get('server_label')} (through the API)…"
+            self.tools.remote_running(item["id"], f"running {item.get('name')} on "
+                                                  f"{item.get('server_label')} (through the API)…")
 
     def on_output_item_done(self, event: dict[str, Any]) -> None:
         """A function call is run only once complete: interrupted and cancelled ones end here
@@ -829,7 +848,7 @@ class Conversation:
             call = self.tools.approval_requested(item, time.monotonic())
             self.display.tool_call(f"{call.shown} on {item.get('server_label')}")
         elif item.get("type") == "mcp_call":
-            self.tools.remote_activity.pop(item.get("id", ""), None)
+            self.tools.remote_running(item.get("id", ""), None)
             error = item.get("error")
             output = item.get("output") or (f"Error: {error.get('message') or error.get('type')}"
                                             if isinstance(error, dict) else "")
@@ -842,9 +861,9 @@ class Conversation:
         """mcp_list_tools.*: the API lists a remote server's tools, at the session's start."""
         item_id = event.get("item_id", "")
         if event["type"] == "mcp_list_tools.in_progress":
-            self.tools.remote_activity[item_id] = "the API is listing the remote MCP tools…"
+            self.tools.remote_running(item_id, "the API is listing the remote MCP tools…")
             return
-        self.tools.remote_activity.pop(item_id, None)
+        self.tools.remote_running(item_id, None)
         if event["type"] == "mcp_list_tools.failed":
             self.display.warn("the API could not list the tools of a --mcp-url server; going on "
                               "without them")
@@ -901,7 +920,7 @@ class Conversation:
             text=" ".join(self.transcripts.get(item_id) for item_id in ids).strip(),
             heard="truncated" if set(ids) & self.interrupted else "full", usage=usage,
             cost_usd=cost)
-        self.transcripts.keep(self.player.items)
+        self.transcripts.keep(self.player.item_ids())
         if figures or self.config.provider.per_minute is not None:
             self.spend.count(figures, self.link.minutes(time.monotonic()))
             self.end_if_over_budget()
@@ -937,9 +956,8 @@ class Conversation:
                                approved_by=done.approval)
             self.send({"type": "conversation.item.create", "item": {
                 "type": "function_call_output", "call_id": call.call_id, "output": done.output}})
-        if self.tools.reply_owed and not (self.tools.busy() or self.response_active
-                                          or self.user_speaking) and self.link.ready:
-            self.tools.reply_owed = False
+        if not (self.tools.busy() or self.response_active or self.user_speaking) \
+                and self.link.is_ready() and self.tools.take_reply_owed():
             self.send({"type": "response.create"})
 
     def tool_returned(self, item_id: str, shown: str, output: str, kept: bool = True,
@@ -965,7 +983,7 @@ class Conversation:
         """Barge-in: silence the player and tell the server exactly how much was heard."""
         now = time.monotonic()
         if self.config.plumbing.barge_in and self.player.busy(now):
-            for item in self.player.items.values():
+            for item in self.player.playing():
                 self.truncate(item, now)
             self.player.stop()
         if cancel and self.response_active:
@@ -992,7 +1010,7 @@ class Conversation:
         screened for the assistant's own voice coming back from the speakers (--duplex)."""
         now = self.mic_heard_at = time.monotonic()
         frames = self.microphone.frames(audio, now)
-        if not self.link.ready or self.ending:
+        if not self.link.is_ready() or self.ending:
             return  # no session configured (yet, or while reconnecting): the audio is dropped
         for frame, captured in frames:
             for sent in self.screen(frame, captured, now):
@@ -1004,7 +1022,7 @@ class Conversation:
         """What the server gets of this frame: the frame, silence in its place (the model must
         not hear its own voice), or, when the echo guard hears the person speak over the
         assistant, the frames it held back since just before they started."""
-        echo = self.player.echo
+        echo = self.echo
         if echo is not None:
             verdict = echo.hear(frame, captured)
             if verdict == EchoGuard.PERSON:
@@ -1026,7 +1044,7 @@ class Conversation:
         self.interrupt(cancel=True)
 
     def on_typed_line(self, line: str) -> None:
-        if not self.link.ready:
+        if not self.link.is_ready():
             self.display.warn("not connected yet; type again in a moment")
             return
         if line.strip():
@@ -1186,16 +1204,16 @@ def run(config: Config, display: Display) -> None:
     try:
         memory = RoomMemory(config.plumbing)
         recorder = start_recorder(config.plumbing)
+        echo = EchoGuard(memory.recall()) if config.duplex == "auto" else None
         try:
-            player = Player(config.plumbing, EchoGuard(memory.recall())
-                            if config.duplex == "auto" else None)
+            player = Player(config.plumbing, echo)
         except BaseException:
             recorder.kill(signal.SIGTERM)  # a player that cannot start leaves no recorder behind
             raise
-        conversation = Conversation(config, recorder, player, display, tools)
+        conversation = Conversation(config, recorder, player, display, tools, echo)
         check = ModelCheck(config, display) if config.provider.lists_models else None
         try:
-            conversation.link.open(time.monotonic())  # the loop takes each step of the opening
+            conversation.connect(time.monotonic())  # the loop takes each step of the opening
             try:
                 loop(conversation, [check] if check else [])
             finally:
@@ -1203,11 +1221,9 @@ def run(config: Config, display: Display) -> None:
         finally:
             if check is not None:
                 check.close()
-            conversation.recorder.kill(signal.SIGTERM)
-            conversation.player.sox.kill(signal.SIGKILL)
-            conversation.link.close()
-            if player.echo is not None:
-                memory.keep(player.echo)
+            conversation.close()
+            if echo is not None:
+                memory.keep(echo)
     finally:
         tools.close()  # no MCP server outlives the script
 
@@ -1241,9 +1257,7 @@ def loop(conversation: Conversation, others: list[ModelCheck]) -> None:
     ready: list[bool] = []  # the connection's socket (or resolver) is ready this turn
 
     selector.register(wakeup_r, selectors.EVENT_READ, on_signal)
-    conversation.recorder.watch(selector, conversation.on_sox_died, conversation.on_microphone)
-    conversation.player.sox.watch(selector, conversation.on_sox_died)
-    conversation.tools.watch(selector)
+    conversation.watch(selector)
     for other in others:
         other.watch(selector)
     try:
@@ -1544,6 +1558,19 @@ class Player:
         """When the audio written so far will have finished playing."""
         return self.clock_start + self.written / BYTES_PER_SECOND
 
+    def watch(self, selector: selectors.BaseSelector, on_death: Callable[[Sox], None]) -> None:
+        self.sox.watch(selector, on_death)
+
+    def close(self) -> None:
+        self.sox.kill(signal.SIGKILL)
+
+    def playing(self) -> list[HeardItem]:
+        """The replies in the queue or the speaker now."""
+        return list(self.items.values())
+
+    def item_ids(self) -> list[str]:
+        return list(self.items)
+
     def busy(self, now: float) -> bool:
         return bool(self.queue) or now < self.audible_until()
 
@@ -1653,10 +1680,11 @@ class Player:
         ahead = (self.written - self.played(now)) / BYTES_PER_SECOND
         return now + max(ahead - self.plumbing.player_lead_ms / 2000, 0.005)
 
-    def stalled(self, now: float) -> bool:
-        """All it was given should have played, yet its pipe has stayed full."""
-        return self.blocked_since is not None and self.played(now) >= self.written \
+    def stalled(self, now: float) -> Sox | None:
+        """Its sox, when all it was given should have played, yet its pipe has stayed full."""
+        stuck = self.blocked_since is not None and self.played(now) >= self.written \
             and now - self.blocked_since > SOX_WATCHDOG
+        return self.sox if stuck else None
 
     def stop(self) -> None:
         """Silence now: SIGKILL (SIGTERM lets sox play ~220 ms more), drop the queue, respawn."""
@@ -2786,6 +2814,22 @@ class Link:
             return
         self.expires_at = time.monotonic() + left
 
+    def is_ready(self) -> bool:
+        """The session is configured: the microphone and the conversation may go to it."""
+        return self.ready
+
+    def is_again(self) -> bool:
+        """This is not the first session: the conversation so far must be told."""
+        return self.sessions > 1
+
+    def minutes_left(self, now: float) -> float | None:
+        """Of this session, where the API said when it ends."""
+        return None if self.expires_at is None else max(self.expires_at - now, 0) / 60
+
+    def expiring(self) -> None:
+        """The API said the session expires: the server closes next; a new one follows at once."""
+        self.rolling_over = True
+
     def configured(self) -> bool:
         """session.updated arrived; True the first time for this connection."""
         if self.ready:
@@ -3459,6 +3503,18 @@ class Toolbox:
         self.outputs.append(ToolOutput(call, output, answer, approval or call.approval,
                                        cancelled, approve))
         self.reply_owed = self.reply_owed or answer
+
+    def remote_running(self, item_id: str, activity: str | None) -> None:
+        """What the API is doing for us with a remote server's tools (None: done)."""
+        if activity is None:
+            self.remote_activity.pop(item_id, None)
+        else:
+            self.remote_activity[item_id] = activity
+
+    def take_reply_owed(self) -> bool:
+        """A result came back that the model should speak about: True once."""
+        owed, self.reply_owed = self.reply_owed, False
+        return owed
 
     def take_outputs(self) -> list[ToolOutput]:
         outputs, self.outputs = self.outputs, []
