@@ -848,14 +848,7 @@ class Conversation:
             call = self.tools.approval_requested(item, time.monotonic())
             self.display.tool_call(f"{call.shown} on {item.get('server_label')}")
         elif item.get("type") == "mcp_call":
-            self.tools.remote_running(item.get("id", ""), None)
-            error = item.get("error")
-            output = item.get("output") or (f"Error: {error.get('message') or error.get('type')}"
-                                            if isinstance(error, dict) else "")
-            shown = f"{item.get('name')}({item.get('arguments', '')})"
-            self.display.tool_call(f"{shown} on {item.get('server_label')} (through the API)")
-            self.tool_returned(item.get("id", ""), shown, output, name=item.get("name"),
-                               server=item.get("server_label"), arguments=item.get("arguments"))
+            self.tools.remote_call_done(item, self.history)
 
     def on_remote_tools(self, event: dict[str, Any]) -> None:
         """mcp_list_tools.*: the API lists a remote server's tools, at the session's start."""
@@ -940,44 +933,13 @@ class Conversation:
     def deliver_tool_outputs(self) -> None:
         """Finished calls go back to the model; one reply follows once every call is answered and
         no response is running (a response.create during one is refused)."""
-        for done in self.tools.take_outputs():
-            call = done.call
-            if call.approval_request:  # the API runs it, or not, and goes on by itself
-                self.display.tool_result("approved" if done.approve else "refused")
-                self.config.log.write(event="tool approval", name=call.name,
-                                      arguments=call.arguments, approved_by=done.approval,
-                                      approve=done.approve)
-                self.send({"type": "conversation.item.create", "item": {
-                    "type": "mcp_approval_response", "id": f"approval_{call.call_id}"[:32],
-                    "approval_request_id": call.approval_request, "approve": done.approve}})
-                continue
-            self.tool_returned(call.call_id, call.shown, done.output, not done.cancelled,
-                               call_id=call.call_id, name=call.name, arguments=call.arguments,
-                               approved_by=done.approval)
-            self.send({"type": "conversation.item.create", "item": {
-                "type": "function_call_output", "call_id": call.call_id, "output": done.output}})
+        self.tools.deliver(self.send, self.history)
         if not (self.tools.busy() or self.response_active or self.user_speaking) \
                 and self.link.is_ready() and self.tools.take_reply_owed():
             self.send({"type": "response.create"})
 
-    def tool_returned(self, item_id: str, shown: str, output: str, kept: bool = True,
-                      **record: Any) -> None:
-        """A tool's result, local or remote: on screen, in the log, and (unless cancelled) in
-        what a new session is told."""
-        self.display.tool_result(output)
-        self.config.log.write(event="tool", **record, result=output[:LOGGED_RESULT_CHARS])
-        if kept:
-            self.remember("tool", item_id, f"Earlier, the tool call {shown} returned: "
-                                           f"{output[:LOGGED_RESULT_CHARS]}")
-
     def on_keys(self, chunk: bytes) -> bytes:
-        """A question about a tool takes the next key: y runs it, any other refuses. The rest
-        of what was typed goes to the line being edited."""
-        if not chunk or self.tools.question is None:
-            return chunk
-        key, rest = chunk[:1], chunk[1:]
-        self.tools.answer(key in (b"y", b"Y"), time.monotonic())
-        return rest[1:] if rest[:1] in (b"\r", b"\n") and key not in (b"\r", b"\n") else rest
+        return self.tools.on_keys(chunk, time.monotonic())
 
     def interrupt(self, cancel: bool) -> None:
         """Barge-in: silence the player and tell the server exactly how much was heard."""
@@ -3400,6 +3362,7 @@ class Toolbox:
         self.can_ask = can_ask
         self.timeout = config.tool_timeout
         self.display = display
+        self.log = config.log
         self.by_name: dict[str, tuple[McpServer, dict[str, Any]]] = {}
         self.names: dict[tuple[str, str], str] = {}  # (server, tool) → its name for the model, kept
         self.changed = False
@@ -3515,6 +3478,56 @@ class Toolbox:
         """A result came back that the model should speak about: True once."""
         owed, self.reply_owed = self.reply_owed, False
         return owed
+
+    # What goes back to the model
+    def deliver(self, send: Callable[[dict[str, Any]], None], history: History) -> None:
+        """Finished calls: a local tool's output as a function_call_output, the person's answer
+        about a remote one as an mcp_approval_response (the API runs it, or not, and goes on)."""
+        for done in self.take_outputs():
+            call = done.call
+            if call.approval_request:
+                self.display.tool_result("approved" if done.approve else "refused")
+                self.log.write(event="tool approval", name=call.name, arguments=call.arguments,
+                               approved_by=done.approval, approve=done.approve)
+                send({"type": "conversation.item.create", "item": {
+                    "type": "mcp_approval_response", "id": f"approval_{call.call_id}"[:32],
+                    "approval_request_id": call.approval_request, "approve": done.approve}})
+                continue
+            self.returned(history, call.call_id, call.shown, done.output, not done.cancelled,
+                          call_id=call.call_id, name=call.name, arguments=call.arguments,
+                          approved_by=done.approval)
+            send({"type": "conversation.item.create", "item": {
+                "type": "function_call_output", "call_id": call.call_id, "output": done.output}})
+
+    def remote_call_done(self, item: dict[str, Any], history: History) -> None:
+        """A remote server's tool, which the API called: its result as it reported it."""
+        self.remote_running(item.get("id", ""), None)
+        error = item.get("error")
+        output = item.get("output") or (f"Error: {error.get('message') or error.get('type')}"
+                                        if isinstance(error, dict) else "")
+        shown = f"{item.get('name')}({item.get('arguments', '')})"
+        self.display.tool_call(f"{shown} on {item.get('server_label')} (through the API)")
+        self.returned(history, item.get("id", ""), shown, output, name=item.get("name"),
+                      server=item.get("server_label"), arguments=item.get("arguments"))
+
+    def returned(self, history: History, item_id: str, shown: str, output: str,
+                 kept: bool = True, **record: Any) -> None:
+        """A tool's result, local or remote: on screen, in the log, and (unless cancelled) in
+        what a new session is told."""
+        self.display.tool_result(output)
+        self.log.write(event="tool", **record, result=output[:LOGGED_RESULT_CHARS])
+        if kept:
+            history.remember("tool", item_id, f"Earlier, the tool call {shown} returned: "
+                                              f"{output[:LOGGED_RESULT_CHARS]}")
+
+    def on_keys(self, chunk: bytes, now: float) -> bytes:
+        """A question about a tool takes the next key: y runs it, any other refuses. The rest
+        of what was typed goes to the line being edited."""
+        if not chunk or self.question is None:
+            return chunk
+        key, rest = chunk[:1], chunk[1:]
+        self.answer(key in (b"y", b"Y"), now)
+        return rest[1:] if rest[:1] in (b"\r", b"\n") and key not in (b"\r", b"\n") else rest
 
     def take_outputs(self) -> list[ToolOutput]:
         outputs, self.outputs = self.outputs, []
