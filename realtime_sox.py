@@ -618,13 +618,9 @@ class Conversation:
         self.tools = tools
         self.history = History()
         self.ending: str | None = None  # why we stop once the received audio has played
-        self.restarted: set[str] = set()  # sox roles restarted once already
-        self.recorder = recorder
+        self.sox = SoxPair(config.plumbing, recorder, player, display)
         self.player = player
         self.display = display
-        self.microphone = Microphone(config.plumbing.frame_bytes)
-        # For the watchdog (a device that vanished is silent); a microphone may take seconds to wake.
-        self.mic_heard_at = time.monotonic() + MICROPHONE_WAKE
         self.mic_ms_uncommitted = 0.0
         self.response_active = False
         self.user_speaking = False
@@ -637,15 +633,11 @@ class Conversation:
 
     def watch(self, selector: selectors.BaseSelector) -> None:
         """The conversation's pipes: both sox processes' and the MCP servers'."""
-        self.recorder.watch(selector, self.on_sox_died, self.on_microphone)
-        self.player.watch(selector, self.on_sox_died)
+        self.sox.watch(selector, self.on_microphone)
         self.tools.watch(selector)
 
     def close(self) -> None:
-        """The recorder stopped, the player at once (what it holds is not wanted), the socket
-        closed."""
-        self.recorder.kill(signal.SIGTERM)
-        self.player.close()
+        self.sox.close()
         self.link.close()
 
     def send(self, event: dict[str, Any]) -> None:
@@ -660,7 +652,7 @@ class Conversation:
             self.end_if_over_budget()
         if self.link.tick(now, self.at_turn_boundary(now)) is not None:
             self.on_connection_lost()
-        self.watch_sox(now)
+        self.sox.tick(now)
         self.tools.tick(now)
         if self.link.is_ready() and self.tools.take_changed():
             tools: dict[str, Any] = {"tools": self.tools.declarations()}
@@ -668,24 +660,11 @@ class Conversation:
                        self.config.provider.flat_session else {"type": "realtime", **tools}})
         self.deliver_tool_outputs()
 
-    def watch_sox(self, now: float) -> None:
-        """A device that disappears (a Bluetooth headset switched off) leaves sox waiting forever
-        without a word: no microphone bytes, or a player that takes none, count as a death."""
-        if now - self.mic_heard_at > SOX_WATCHDOG:
-            self.mic_heard_at = now
-            self.on_sox_died(self.recorder, f"the sox recorder gave no audio for {SOX_WATCHDOG:g} "
-                                            "s (did the microphone go away?)")
-        stalled = self.player.stalled(now)
-        if stalled is not None:
-            self.on_sox_died(stalled, f"the sox player took no audio for {SOX_WATCHDOG:g} s (did "
-                                      "the speaker go away?)")
-
     def next_timer(self, now: float) -> float | None:
         """When tick() has something to do next."""
         if self.ending:
             return self.player.audible_until()
-        timers = [self.link.next_timer(now), self.tools.next_timer(),
-                  self.mic_heard_at + SOX_WATCHDOG + 0.01]
+        timers = [self.link.next_timer(now), self.tools.next_timer(), self.sox.next_timer()]
         return min(timer for timer in timers if timer is not None)
 
     def on_connection_lost(self) -> None:
@@ -693,28 +672,8 @@ class Conversation:
         self.history.cut_off(self.transcripts)
         self.display.end_line()
         self.response_active = self.user_speaking = False
-        self.microphone.drop()
+        self.sox.drop_partial_frame()
         self.tools.cancel_all("the connection to the API dropped")
-
-    def on_sox_died(self, sox: Sox, reason: str = "") -> None:
-        """A sox process stopped (sox exits 0 when the audio server goes away: its stderr says
-        why), or went quiet. Restart it once; if it fails again, give up with its reason."""
-        reason = reason or sox.failure()
-        device = self.config.plumbing.input_device if sox is self.recorder \
-            else self.config.plumbing.output_device
-        if device and any(sign in (sox.failed or "") for sign in UNKNOWN_DEVICE):
-            raise Fatal(f"{reason}: no {'microphone' if sox is self.recorder else 'speaker'} is "
-                        f"named {device!r}; see --list-devices", Exit.USAGE)
-        if sox.role in self.restarted:
-            raise Fatal(reason, Exit.AUDIO)
-        self.restarted.add(sox.role)
-        self.display.warn(f"{reason}; restarting it")
-        if sox is self.recorder:
-            self.recorder = sox.restart()
-            self.microphone = Microphone(self.config.plumbing.frame_bytes)  # a new sample clock
-            self.mic_heard_at = time.monotonic() + MICROPHONE_WAKE
-        else:
-            self.player.stop()
 
     def status(self, now: float) -> str:
         """The status line: what is happening, what it cost, how long this session has left."""
@@ -967,11 +926,9 @@ class Conversation:
                               heard_text=heard)
         self.display.interrupted(words, heard_ms / max(received_ms, 1))
 
-    def on_microphone(self, audio: bytes) -> None:
-        """Recorder bytes → 20 ms appends (sox delivers 4096-byte pieces on Linux), each one
-        screened for the assistant's own voice coming back from the speakers (--duplex)."""
-        now = self.mic_heard_at = time.monotonic()
-        frames = self.microphone.frames(audio, now)
+    def on_microphone(self, frames: list[tuple[bytes, float]], now: float) -> None:
+        """20 ms frames, dated by the recorder's sample clock, become appends, each one screened
+        for the assistant's own voice coming back from the speakers (--duplex)."""
         if not self.link.is_ready() or self.ending:
             return  # no session configured (yet, or while reconnecting): the audio is dropped
         for frame, captured in frames:
@@ -1658,6 +1615,74 @@ class Player:
         self.items.clear()
         self.waiting_since = self.blocked_since = None
         self.padded = True
+
+
+class SoxPair:
+    """The recorder and the player, kept going. A device that goes away may leave sox waiting
+    without a word, or sox exits (with 0, when the audio server goes away: its stderr says why).
+    Each is restarted once; the second time, the script ends with sox's reason."""
+
+    def __init__(self, plumbing: Plumbing, recorder: Sox, player: Player,
+                 display: Display) -> None:
+        self.plumbing, self.recorder, self.player, self.display = plumbing, recorder, player, display
+        self.microphone = Microphone(plumbing.frame_bytes)
+        # For the watchdog (a device that vanished is silent); a microphone may take seconds to wake.
+        self.heard_at = time.monotonic() + MICROPHONE_WAKE
+        self.restarted: set[str] = set()  # sox roles restarted once already
+        self.on_frames: Callable[[list[tuple[bytes, float]], float], None] = lambda frames, now: None
+
+    def watch(self, selector: selectors.BaseSelector,
+              on_frames: Callable[[list[tuple[bytes, float]], float], None]) -> None:
+        """`on_frames` gets the recorder's audio as 20 ms frames, each with when it was captured
+        (sox delivers 4096-byte pieces on Linux)."""
+        self.on_frames = on_frames
+        self.recorder.watch(selector, self.died, self._audio)
+        self.player.watch(selector, self.died)
+
+    def _audio(self, audio: bytes) -> None:
+        now = self.heard_at = time.monotonic()
+        self.on_frames(self.microphone.frames(audio, now), now)
+
+    def drop_partial_frame(self) -> None:
+        self.microphone.drop()
+
+    def tick(self, now: float) -> None:
+        """No microphone bytes, or a player that takes none, for a while: a death."""
+        if now - self.heard_at > SOX_WATCHDOG:
+            self.heard_at = now
+            self.died(self.recorder, f"the sox recorder gave no audio for {SOX_WATCHDOG:g} s (did "
+                                     "the microphone go away?)")
+        stalled = self.player.stalled(now)
+        if stalled is not None:
+            self.died(stalled, f"the sox player took no audio for {SOX_WATCHDOG:g} s (did the "
+                               "speaker go away?)")
+
+    def next_timer(self) -> float:
+        return self.heard_at + SOX_WATCHDOG + 0.01
+
+    def died(self, sox: Sox, reason: str = "") -> None:
+        """Restart it once; if it fails again, give up with its reason."""
+        reason = reason or sox.failure()
+        device = self.plumbing.input_device if sox is self.recorder \
+            else self.plumbing.output_device
+        if device and any(sign in (sox.failed or "") for sign in UNKNOWN_DEVICE):
+            raise Fatal(f"{reason}: no {'microphone' if sox is self.recorder else 'speaker'} is "
+                        f"named {device!r}; see --list-devices", Exit.USAGE)
+        if sox.role in self.restarted:
+            raise Fatal(reason, Exit.AUDIO)
+        self.restarted.add(sox.role)
+        self.display.warn(f"{reason}; restarting it")
+        if sox is self.recorder:
+            self.recorder = sox.restart()
+            self.microphone = Microphone(self.plumbing.frame_bytes)  # a new sample clock
+            self.heard_at = time.monotonic() + MICROPHONE_WAKE
+        else:
+            self.player.stop()
+
+    def close(self) -> None:
+        """The recorder stopped, the player at once (what it holds is not wanted)."""
+        self.recorder.kill(signal.SIGTERM)
+        self.player.close()
 
 
 # --- The echo guard ------------------------------------------------------------------------------
