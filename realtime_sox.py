@@ -1702,9 +1702,8 @@ ECHO_TAIL = 1.0  # s after the assistant's sound in which the microphone may sti
 ECHO_RECENT = 30  # bins (300 ms) that tell whether the echo came back (headphones unplugged)
 ECHO_DECAYS = (100, 200, 300, 450, 650, 900)  # ms: the room tails (RT60) it tries
 ECHO_SLOWEST = 10 ** (-6 * ECHO_BIN * 1000 / 900)  # a bin's fall in the longest-ringing room
-ECHO_MARGIN = 10 ** 0.45  # power: 4.5 dB above the (calibrated) echo may be the person: not learned
-ECHO_PERSON = 10 ** 0.35  # the person: 3.5 dB above it over this many 20 ms frames in a row...
-ECHO_FRAMES = 3  # ...each above it (or two, each 9 dB above)
+ECHO_MARGIN = 10 ** 0.45  # power: the person is 4.5 dB above the (calibrated) echo...
+ECHO_FRAMES = 3  # ...over this many 20 ms frames in a row, each above it (or two, each 9 dB above)
 ECHO_ABOVE_NOISE = 10.0  # ...and 10 dB above the room's noise
 ECHO_CALIBRATION = 0.99  # the share of echo-only frames the prediction must cover
 ECHO_PREROLL = 0.36  # s of microphone audio sent at a barge-in: the words before it was sure
@@ -1929,7 +1928,7 @@ class EchoGuard:
         # takes three frames above the prediction, together a margin above it (a first word
         # often starts under a loud syllable of the assistant's), or two far above it.
         louder = len(self.above) == ECHO_FRAMES and \
-            sum(heard for heard, _ in self.above) > ECHO_PERSON * sum(most for _, most in self.above)
+            sum(heard for heard, _ in self.above) > ECHO_MARGIN * sum(most for _, most in self.above)
         far_louder = len(self.above) >= 2 and all(
             heard > ECHO_MARGIN ** 2 * most for heard, most in list(self.above)[-2:])
         if not louder and not far_louder:
