@@ -127,7 +127,7 @@ def test_ctrl_c_ends_at_once_in_each_phase_of_opening(stub, run_client, behaviou
     deadline = time.monotonic() + 5
     while not reached(server, behaviour) and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(1.5)  # well into the phase
+    time.sleep(0.5)  # well into the phase, waiting in it
     assert reached(server, behaviour) and client.process.poll() is None
     assert ends_at_once(client) < 1.0
 
@@ -181,7 +181,10 @@ def test_ctrl_c_ends_at_once_while_a_rollover_waits_for_the_upgrade(serve, run_c
     server.upgrade_delay = [0, 30]
     client = run_client(server)
     client.wait_for("starting a new session")
-    time.sleep(1.0)
+    deadline = time.monotonic() + 5
+    while len(server.request_headers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
     assert len(server.request_headers) == 2  # the new session's upgrade is being held back
     assert ends_at_once(client, signal.SIGTERM) < 1.0
 

@@ -247,7 +247,7 @@ def test_failing_servers_are_reported_and_the_talk_goes_on(serve, run_client, tm
     for mode, directory in dirs.items():
         directory.mkdir()
         args += ["--mcp", mcp(directory, mode)]
-    client = run_client(server, *args, "--mcp-start-timeout", "5")
+    client = run_client(server, *args, "--mcp-start-timeout", "3")
     client.wait_for("assistant: Sorry, the dictionary crashed", timeout=20)
     client.wait_for("failed its handshake", timeout=7)  # the silent one
     assert client.stop() == 0
@@ -255,7 +255,7 @@ def test_failing_servers_are_reported_and_the_talk_goes_on(serve, run_client, tm
     assert "'no-such-mcp-server' did not start (no-such-mcp-server: No such file or directory)" in err
     assert ("'mcp_tools-2' stopped (exit code 3): sqlite3.OperationalError: unable to open "
             "database file; going on without its tools") in err
-    assert "'mcp_tools-3' failed its handshake (timed out: no answer within 5 s)" in err
+    assert "'mcp_tools-3' failed its handshake (timed out: no answer within 3 s)" in err
     assert err.count("not JSON-RPC") == 1  # the noisy one: reported once, and it still works
     assert "'mcp_tools' stopped (exit code 1): fatal: out of dictionary pages" in err
     assert "the MCP server mcp_tools stopped" in outputs[0]
