@@ -874,7 +874,7 @@ class Conversation:
             cost_usd=cost)
         self.transcripts.keep(self.player.item_ids())
         if figures or self.config.provider.per_minute is not None:
-            self.spend.count(figures, self.link.minutes(time.monotonic()))
+            self.spend.count(figures, cost, self.link.minutes(time.monotonic()))
             self.end_if_over_budget()
 
     def end_if_over_budget(self) -> None:
@@ -3678,14 +3678,14 @@ class Spend:
         """A response's cost, from its checked usage; None by the minute, or for unknown prices."""
         return response_cost(self.prices, usage) if usage and self.per_minute is None else None
 
-    def count(self, usage: dict[str, Any] | None, minutes: float) -> None:
-        """A response: its checked usage (None if it had none), shown with what it cost."""
+    def count(self, usage: dict[str, Any] | None, cost: float | None, minutes: float) -> None:
+        """A response: its checked usage (None if it had none) and its cost (see cost_of),
+        shown."""
         self.responses += 1
         if usage is not None:
             self.input_tokens += usage["input_tokens"]
             self.output_tokens += usage["output_tokens"]
         if self.per_minute is None:
-            cost = self.cost_of(usage)
             self.cost = None if cost is None or self.cost is None else self.cost + cost
             if usage is not None:
                 self.display.usage(usage, cost)
