@@ -16,9 +16,10 @@ API" (noboru-kudo, 2024), moved onto today's GA interface. One thread, one `sele
     WebSocket --> response.output_audio.delta --> our queue --paced--> sox player --stdin
 
 Read top to bottom: the configuration; the core, which is the conversation (one handler per
-server event) and the loop; then what the core calls: the sox processes, the echo guard (--duplex
-auto), what servers may send, the connection (opened step by step by the loop), staying
-connected, models going away, tools (MCP servers), the screen and costs; the audio check; `main`.
+server event) and the loop; then what the core calls: the sox processes, the reply (its sound,
+its words, how much was heard), talking over the assistant (--duplex, the echo guard), what
+servers may send, the connection (opened step by step by the loop), staying connected, models
+going away, tools (MCP servers), the screen and costs; the audio check; `main`.
 """
 
 from __future__ import annotations
@@ -554,6 +555,12 @@ def session_config(config: Config, tools: list[dict[str, Any]] | None = None) ->
     return body if tools is None else {**body, "tools": tools}
 
 
+def session_update(config: Config, fields: dict[str, Any]) -> dict[str, Any]:
+    """A later `session.update` that changes only `fields`."""
+    session = fields if config.provider.flat_session else {"type": "realtime", **fields}
+    return {"type": "session.update", "session": session}
+
+
 # --- The conversation: one handler per server event ----------------------------------------------
 
 @dataclasses.dataclass
@@ -606,27 +613,22 @@ class History:
 
 
 class Conversation:
-    """State of the talk and the handlers for the server's events (see HANDLERS below)."""
-
-    HALF_DUPLEX_TAIL = 0.3  # s of room echo after the speaker stops
+    """The talk's state and a handler per server event (HANDLERS, below). It delegates the reply's
+    sound and words (Reply), the microphone (FullDuplex, HalfDuplex or Guarded), staying connected
+    (Link), tools (Toolbox), the cost (Spend) and what a new session is told (History)."""
 
     def __init__(self, config: Config, recorder: Sox, player: Player, display: Display,
                  tools: Toolbox, echo: EchoGuard | None) -> None:
-        self.config = config
-        self.echo = echo  # the player feeds it what it plays; the microphone, what it hears
+        self.config, self.display, self.tools, self.player = config, display, tools, player
         self.link = Link(config, display)
-        self.tools = tools
         self.history = History()
-        self.ending: str | None = None  # why we stop once the received audio has played
+        self.reply = Reply(config, player, display, self.history, self.send)
+        self.gate = microphone_gate(config, player, echo, lambda: self.interrupt(cancel=True))
         self.sox = SoxPair(config.plumbing, recorder, player, display)
-        self.player = player
-        self.display = display
-        self.mic_ms_uncommitted = 0.0
-        self.response_active = False
-        self.user_speaking = False
-        self.interrupted: set[str] = set()  # items whose late audio and words we drop
-        self.transcripts = Words()
         self.spend = Spend(config, display)
+        self.ending: str | None = None  # why we stop once the received audio has played
+        self.mic_ms_uncommitted = 0.0
+        self.response_active = self.user_speaking = False
 
     def connect(self, now: float) -> None:
         self.link.open(now)
@@ -643,33 +645,38 @@ class Conversation:
     def send(self, event: dict[str, Any]) -> None:
         self.link.send(event)
 
+    def connection(self) -> Connection | None:
+        """The connection the loop watches: it changes with each step of the opening and each
+        reconnect."""
+        return self.link.current()
+
     def tick(self, now: float) -> None:
-        """Timers: the end after the last words, and the link's (see Link.tick)."""
+        """Timers: the end after the last words, the link's (see Link.tick), sox's, the tools'."""
         if self.ending and not self.player.busy(now):  # the last words play to their end
             raise Stop(self.ending)
-        if self.config.provider.per_minute is not None and not self.ending:
-            self.spend.connected(self.link.minutes(now))
-            self.end_if_over_budget()
+        self.end_if_over_budget(now)  # by the minute (xAI), the cost grows with the time
         if self.link.tick(now, self.at_turn_boundary(now)) is not None:
             self.on_connection_lost()
         self.sox.tick(now)
         self.tools.tick(now)
         if self.link.is_ready() and self.tools.take_changed():
-            tools: dict[str, Any] = {"tools": self.tools.declarations()}
-            self.send({"type": "session.update", "session": tools if
-                       self.config.provider.flat_session else {"type": "realtime", **tools}})
-        self.deliver_tool_outputs()
+            self.send(session_update(self.config, {"tools": self.tools.declarations()}))
+        self.tools.deliver(self.send, self.history, may_reply=self.link.is_ready() and not (
+            self.response_active or self.user_speaking))
+        self.player.pump(now)
 
     def next_timer(self, now: float) -> float | None:
         """When tick() has something to do next."""
+        timers = [self.player.next_wakeup(now)]
         if self.ending:
-            return self.player.audible_until()
-        timers = [self.link.next_timer(now), self.tools.next_timer(), self.sox.next_timer()]
-        return min(timer for timer in timers if timer is not None)
+            timers.append(self.player.audible_until())
+        else:
+            timers += [self.link.next_timer(now), self.tools.next_timer(), self.sox.next_timer()]
+        return min((timer for timer in timers if timer is not None), default=None)
 
     def on_connection_lost(self) -> None:
         """The link reconnects; what was said so far is kept for the next session."""
-        self.history.cut_off(self.transcripts)
+        self.reply.connection_lost()
         self.display.end_line()
         self.response_active = self.user_speaking = False
         self.sox.drop_partial_frame()
@@ -677,40 +684,15 @@ class Conversation:
 
     def status(self, now: float) -> str:
         """The status line: what is happening, what it cost, how long this session has left."""
-        state = self.link.status(now) or self.activity(now)
-        parts = [state, self.spend.status()]
+        state = (self.link.status(now) or self.tools.status(now) or self.gate.status(now)
+                 or ("hearing you" if self.user_speaking else "listening"))
         left = self.link.minutes_left(now)
-        if left is not None:
-            parts.append(f"{left:.0f} min left in this session")
-        return " · ".join(parts)
-
-    def activity(self, now: float) -> str:
-        tools = self.tools.status(now)
-        if tools:
-            return tools
-        echo = self.echo
-        if echo is not None and echo.interrupted_at > now - 2:
-            return "you interrupted"
-        if self.player.busy(now):
-            if echo is not None:
-                return f"assistant speaking · {echo.status()}"
-            muted = " (microphone muted)" if self.config.duplex == "half" else ""
-            return "assistant speaking" + muted
-        return "hearing you" if self.user_speaking else "listening"
+        return " · ".join([state, self.spend.status()] + (
+            [f"{left:.0f} min left in this session"] if left is not None else []))
 
     def at_turn_boundary(self, now: float) -> bool:
         return not (self.response_active or self.user_speaking or self.player.busy(now)
                     or self.tools.busy())
-
-    def replay(self) -> int:
-        """Tell a new session the conversation so far."""
-        items = self.history.replay()
-        for item in items:
-            self.send(item)
-        return len(items)
-
-    def remember(self, role: str, item_id: str, text: str = "") -> Turn:
-        return self.history.remember(role, item_id, text)
 
     def handle(self, message: dict[str, Any]) -> None:
         handler = HANDLERS.get(message["type"])
@@ -727,28 +709,24 @@ class Conversation:
 
     # Session
     def on_session_created(self, event: dict[str, Any]) -> None:
+        """session.created; xAI's first event is conversation.created instead."""
+        if event["type"] == "conversation.created" and not self.config.provider.flat_session:
+            return
         self.link.session_created((event.get("session") or {}).get("expires_at"))
         tools = self.tools.declarations() if self.tools.configured else None
         self.tools.take_changed()  # they are all in this one
         self.send({"type": "session.update", "session": session_config(self.config, tools)})
 
-    def on_conversation_created(self, event: dict[str, Any]) -> None:
-        """xAI's first event, where OpenAI's is session.created."""
-        if self.config.provider.flat_session:
-            self.on_session_created({})
-
     def on_session_updated(self, event: dict[str, Any]) -> None:
         if not self.link.configured():
             return
-        if self.link.is_again():
-            self.display.info(f"connected again; the model was told the last {self.replay()} "
-                              "turns")
+        if not self.link.is_again():
+            self.display.connected(self.config)
             return
-        how = ("press Enter to end your turn" if self.config.turn_detection == "none"
-               else "type a line to send text, Enter alone to interrupt")
-        duplex = "echo guard on" if self.config.duplex == "auto" else f"{self.config.duplex} duplex"
-        self.display.info(f"connected: {self.config.model}, voice {self.config.voice}, "
-                          f"{duplex} — speak now; {how}; Ctrl-C quits")
+        items = self.history.replay()
+        for item in items:
+            self.send(item)
+        self.display.info(f"connected again; the model was told the last {len(items)} turns")
 
     def on_error(self, event: dict[str, Any]) -> None:
         error = event.get("error") or {}
@@ -771,13 +749,13 @@ class Conversation:
         self.user_speaking = False
 
     def on_committed(self, event: dict[str, Any]) -> None:
-        self.remember("user", event.get("item_id", ""))  # its words arrive later
+        self.history.remember("user", event.get("item_id", ""))  # its words arrive later
 
     def on_user_transcript(self, event: dict[str, Any]) -> None:
-        self.remember("user", event.get("item_id", ""), event.get("transcript", "").strip())
-        self.config.log.write(speaker="user", item_id=event.get("item_id"),
-                              text=event.get("transcript", "").strip())
-        self.display.user(event.get("transcript", ""))
+        said = event.get("transcript", "").strip()
+        self.history.remember("user", event.get("item_id", ""), said)
+        self.config.log.write(speaker="user", item_id=event.get("item_id"), text=said)
+        self.display.user(said)
 
     def on_user_transcript_failed(self, event: dict[str, Any]) -> None:
         self.display.warn(f"could not transcribe what you said: "
@@ -790,95 +768,31 @@ class Conversation:
     def on_output_item(self, event: dict[str, Any]) -> None:
         item = event.get("item") or {}
         if item.get("type") == "message":
-            self.remember("assistant", item.get("id", ""))
-        elif item.get("type") == "mcp_call":  # a remote server's tool, called by the API
-            self.tools.remote_running(item["id"], f"running {item.get('name')} on "
-                                                  f"{item.get('server_label')} (through the API)…")
-
-    def on_output_item_done(self, event: dict[str, Any]) -> None:
-        """A function call is run only once complete: interrupted and cancelled ones end here
-        too, with another status."""
-        item = event.get("item") or {}
-        if item.get("type") == "function_call" and item.get("status") == "completed":
-            call = self.tools.call(item["call_id"], item["name"], item.get("arguments", ""),
-                                   time.monotonic())
-            self.display.tool_call(call.shown)
-        elif item.get("type") == "mcp_approval_request":
-            call = self.tools.approval_requested(item, time.monotonic())
-            self.display.tool_call(f"{call.shown} on {item.get('server_label')}")
-        elif item.get("type") == "mcp_call":
-            self.tools.remote_call_done(item, self.history)
-
-    def on_remote_tools(self, event: dict[str, Any]) -> None:
-        """mcp_list_tools.*: the API lists a remote server's tools, at the session's start."""
-        item_id = event.get("item_id", "")
-        if event["type"] == "mcp_list_tools.in_progress":
-            self.tools.remote_running(item_id, "the API is listing the remote MCP tools…")
-            return
-        self.tools.remote_running(item_id, None)
-        if event["type"] == "mcp_list_tools.failed":
-            self.display.warn("the API could not list the tools of a --mcp-url server; going on "
-                              "without them")
-
-    def on_item_done(self, event: dict[str, Any]) -> None:
-        item = event.get("item") or {}
-        if item.get("type") == "mcp_list_tools":
-            names = ", ".join(tool.get("name", "?") for tool in item.get("tools") or []) or "none"
-            self.display.info(f"tools from {item.get('server_label')} (through the API): {names}")
+            self.history.remember("assistant", item.get("id", ""))
+        self.tools.item_added(item)
 
     def on_audio_delta(self, event: dict[str, Any]) -> None:
-        if event.get("item_id") in self.interrupted:
-            return
-        try:
-            audio = base64.b64decode(event["delta"], validate=True)
-        except (binascii.Error, KeyError, TypeError):
-            self.display.warn("skipping audio that is not valid base64", once="base64")
-            return
-        self.player.add(event["item_id"], audio, time.monotonic())  # the loop pumps it next
+        self.reply.audio(event["item_id"], event["delta"])
 
     def on_audio_done(self, event: dict[str, Any]) -> None:
-        if event.get("item_id") not in self.interrupted:
-            self.player.finish(event.get("item_id", ""))
+        self.reply.audio_done(event.get("item_id", ""))
 
     def on_transcript_delta(self, event: dict[str, Any]) -> None:
-        item_id = event.get("item_id", "")
-        if item_id not in self.interrupted:
-            self.transcripts.add(item_id, event.get("delta", ""))
-            self.display.assistant_delta(item_id, event.get("delta", ""))
+        self.reply.transcript_delta(event.get("item_id", ""), event.get("delta", ""))
 
     def on_transcript_done(self, event: dict[str, Any]) -> None:
-        item_id = event.get("item_id", "")
-        if item_id not in self.interrupted:
-            self.transcripts.set(item_id, event.get("transcript", ""))
-            self.remember("assistant", item_id, self.transcripts.get(item_id))
-            self.display.assistant_done(item_id, self.transcripts.get(item_id))
+        self.reply.transcript_done(event.get("item_id", ""), event.get("transcript", ""))
 
     def on_response_done(self, event: dict[str, Any]) -> None:
         self.response_active = False
         response = event.get("response") or {}
-        if response.get("status") == "failed":
-            error = (response.get("status_details") or {}).get("error") or {}
-            self.display.warn(f"the response failed: {error.get('code')} {error.get('message', '')}")
         usage = response.get("usage") or {}
-        figures = checked_usage(usage) if usage else None
-        if usage and figures is None:
-            self.display.warn("the API sent usage figures that are not token counts; responses "
-                              "with such figures are not counted", once="usage")
-        cost = self.spend.cost_of(figures)
-        ids = [item.get("id", "") for item in response.get("output") or []
-               if item.get("type") == "message"]
-        self.config.log.write(
-            speaker="assistant", item_ids=ids, status=response.get("status"),
-            text=" ".join(self.transcripts.get(item_id) for item_id in ids).strip(),
-            heard="truncated" if set(ids) & self.interrupted else "full", usage=usage,
-            cost_usd=cost)
-        self.transcripts.keep(self.player.item_ids())
-        if figures or self.config.provider.per_minute is not None:
-            self.spend.count(figures, cost, self.link.minutes(time.monotonic()))
-            self.end_if_over_budget()
+        now = time.monotonic()
+        self.reply.done(response, usage, self.spend.response(usage, self.link.minutes(now)))
+        self.end_if_over_budget(now)
 
-    def end_if_over_budget(self) -> None:
-        reason = self.spend.over_budget()
+    def end_if_over_budget(self, now: float) -> None:
+        reason = None if self.ending else self.spend.over_budget(self.link.minutes(now))
         if reason is not None:
             self.ending = reason
             if self.response_active:
@@ -888,43 +802,19 @@ class Conversation:
         self.spend.connected(self.link.minutes(now))
         return self.spend
 
-    # Actions of ours
-    def deliver_tool_outputs(self) -> None:
-        """Finished calls go back to the model; one reply follows once every call is answered and
-        no response is running (a response.create during one is refused)."""
-        self.tools.deliver(self.send, self.history)
-        if not (self.tools.busy() or self.response_active or self.user_speaking) \
-                and self.link.is_ready() and self.tools.take_reply_owed():
-            self.send({"type": "response.create"})
+    # Tools
+    def on_tool_event(self, event: dict[str, Any]) -> None:
+        self.tools.on_event(event, self.history)
 
     def on_keys(self, chunk: bytes) -> bytes:
         return self.tools.on_keys(chunk, time.monotonic())
 
+    # Actions of ours
     def interrupt(self, cancel: bool) -> None:
         """Barge-in: silence the player and tell the server exactly how much was heard."""
-        now = time.monotonic()
-        if self.config.plumbing.barge_in and self.player.busy(now):
-            for item in self.player.playing():
-                self.truncate(item, now)
-            self.player.stop()
+        self.reply.stop(time.monotonic())
         if cancel and self.response_active:
             self.send({"type": "response.cancel"})
-
-    def truncate(self, item: HeardItem, now: float) -> None:
-        heard_ms = self.player.heard_ms(item, now)
-        received_ms = item.received * 1000 // BYTES_PER_SECOND
-        if item.complete and heard_ms >= received_ms:
-            return  # heard to the end: nothing to take back
-        if self.config.provider.truncates:  # else the model remembers the whole reply
-            self.send({"type": "conversation.item.truncate", "item_id": item.item_id,
-                       "content_index": 0, "audio_end_ms": min(heard_ms, received_ms)})
-        self.interrupted.add(item.item_id)
-        words = self.transcripts.get(item.item_id)
-        heard = words[:round(len(words) * heard_ms / max(received_ms, 1))]
-        self.remember("assistant", item.item_id).text = heard
-        self.config.log.write(event="truncated", item_id=item.item_id, heard_ms=heard_ms,
-                              heard_text=heard)
-        self.display.interrupted(words, heard_ms / max(received_ms, 1))
 
     def on_microphone(self, frames: list[tuple[bytes, float]], now: float) -> None:
         """20 ms frames, dated by the recorder's sample clock, become appends, each one screened
@@ -932,48 +822,23 @@ class Conversation:
         if not self.link.is_ready() or self.ending:
             return  # no session configured (yet, or while reconnecting): the audio is dropped
         for frame, captured in frames:
-            for sent in self.screen(frame, captured, now):
+            for sent in self.gate.screen(frame, captured, now):
                 self.send({"type": "input_audio_buffer.append",
                            "audio": base64.b64encode(sent).decode()})
                 self.mic_ms_uncommitted += len(sent) * 1000 / BYTES_PER_SECOND
-
-    def screen(self, frame: bytes, captured: float, now: float) -> list[bytes]:
-        """What the server gets of this frame: the frame, silence in its place (the model must
-        not hear its own voice), or, when the echo guard hears the person speak over the
-        assistant, the frames it held back since just before they started."""
-        echo = self.echo
-        if echo is not None:
-            verdict = echo.hear(frame, captured)
-            if verdict == EchoGuard.PERSON:
-                self.barge_in_by_voice(echo)
-                return echo.preroll()
-            return [bytes(len(frame)) if verdict == EchoGuard.HOLD else frame]
-        if self.config.duplex == "half" and (
-                self.player.busy(now) or now < self.player.audible_until() + self.HALF_DUPLEX_TAIL):
-            return [bytes(len(frame))]
-        return [frame]
-
-    def barge_in_by_voice(self, echo: EchoGuard) -> None:
-        """The person spoke over the assistant: stop it now, as the server's VAD would a moment
-        later, and tell the server (its VAD starts on the audio that follows)."""
-        path = echo.path
-        self.config.log.write(event="barge-in", by="voice",
-                              echo_gain_db=round(path.gain_db, 1) if path else None,
-                              echo_delay_ms=round(path.delay * ECHO_BIN * 1000) if path else None)
-        self.interrupt(cancel=True)
 
     def on_typed_line(self, line: str) -> None:
         if not self.link.is_ready():
             self.display.warn("not connected yet; type again in a moment")
             return
-        if line.strip():
+        text = line.strip()
+        if text:
             self.tools.person_spoke()
-            self.history.typed_line(line.strip())
-            self.config.log.write(speaker="user", typed=True, text=line.strip())
+            self.history.typed_line(text)
+            self.config.log.write(speaker="user", typed=True, text=text)
             self.interrupt(cancel=True)
             self.send({"type": "conversation.item.create", "item": {
-                "type": "message", "role": "user",
-                "content": [{"type": "input_text", "text": line.strip()}]}})
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
             self.send({"type": "response.create"})
             self.display.user(line)
         elif self.config.turn_detection == "none" and not self.player.busy(time.monotonic()):
@@ -998,7 +863,7 @@ Handler = Callable[[Conversation, dict[str, Any]], None]
 HANDLERS: dict[str, Handler] = {
     "session.created": Conversation.on_session_created,
     "session.updated": Conversation.on_session_updated,
-    "conversation.created": Conversation.on_conversation_created,
+    "conversation.created": Conversation.on_session_created,
     "error": Conversation.on_error,
     "input_audio_buffer.speech_started": Conversation.on_speech_started,
     "input_audio_buffer.speech_stopped": Conversation.on_speech_stopped,
@@ -1007,16 +872,16 @@ HANDLERS: dict[str, Handler] = {
     "conversation.item.input_audio_transcription.failed": Conversation.on_user_transcript_failed,
     "response.created": Conversation.on_response_created,
     "response.output_item.added": Conversation.on_output_item,
-    "response.output_item.done": Conversation.on_output_item_done,
+    "response.output_item.done": Conversation.on_tool_event,
     "response.output_audio.delta": Conversation.on_audio_delta,
     "response.output_audio.done": Conversation.on_audio_done,
     "response.output_audio_transcript.delta": Conversation.on_transcript_delta,
     "response.output_audio_transcript.done": Conversation.on_transcript_done,
     "response.done": Conversation.on_response_done,
-    "conversation.item.done": Conversation.on_item_done,
-    "mcp_list_tools.in_progress": Conversation.on_remote_tools,
-    "mcp_list_tools.completed": Conversation.on_remote_tools,
-    "mcp_list_tools.failed": Conversation.on_remote_tools,
+    "conversation.item.done": Conversation.on_tool_event,
+    "mcp_list_tools.in_progress": Conversation.on_tool_event,
+    "mcp_list_tools.completed": Conversation.on_tool_event,
+    "mcp_list_tools.failed": Conversation.on_tool_event,
 }
 # Events that need nothing from a terminal client (still valid, so not reported as unknown).
 QUIET_EVENTS = {
@@ -1134,7 +999,7 @@ def run(config: Config, display: Display) -> None:
         try:
             conversation.connect(time.monotonic())  # the loop takes each step of the opening
             try:
-                loop(conversation, [check] if check else [])
+                loop(conversation, display, [check] if check else [])
             finally:
                 display.totals(conversation.final_spend(time.monotonic()))
         finally:
@@ -1147,11 +1012,10 @@ def run(config: Config, display: Display) -> None:
         tools.close()  # no MCP server outlives the script
 
 
-def loop(conversation: Conversation, others: list[ModelCheck]) -> None:
+def loop(conversation: Conversation, display: Display, others: list[ModelCheck]) -> None:
     """One selectors loop over the WebSocket, the recorder, the player, stdin, signals, MCP
     servers and others; each registers its own pipes with a callback, as in the selectors
     documentation's example."""
-    display = conversation.display
     selector = selectors.DefaultSelector()
     wakeup_r, wakeup_w = socket.socketpair()
     wakeup_r.setblocking(False)
@@ -1193,7 +1057,7 @@ def loop(conversation: Conversation, others: list[ModelCheck]) -> None:
     inbox = Inbox(display)
     try:
         while True:
-            connection = conversation.link.connection
+            connection = conversation.connection()
             fileobj = connection.fileobj() if connection is not None else None
             wanted = None if connection is None or fileobj is None else \
                 (connection, connection.phase, fileobj.fileno(), connection.events())
@@ -1204,8 +1068,8 @@ def loop(conversation: Conversation, others: list[ModelCheck]) -> None:
                     selector.register(wanted[2], wanted[3], lambda fd: ready.append(True))
                 watched = wanted
             now = time.monotonic()
-            timers = [t for t in (conversation.player.next_wakeup(now),
-                                  conversation.next_timer(now)) if t is not None]
+            timer = conversation.next_timer(now)
+            timers = [] if timer is None else [timer]
             if display.live:
                 timers.append(display.next_redraw() or now + 1)  # or the status line's clock
             if inbox or (connection is not None and connection.buffered()):
@@ -1221,7 +1085,6 @@ def loop(conversation: Conversation, others: list[ModelCheck]) -> None:
                 conversation.handle(event)
             now = time.monotonic()
             conversation.tick(now)
-            conversation.player.pump(now)
             display.refresh(conversation.status(now), now)
     finally:
         display.stop()
@@ -1685,12 +1548,160 @@ class SoxPair:
         self.player.close()
 
 
-# --- The echo guard ------------------------------------------------------------------------------
+# --- The reply: its sound, its words, and how much of it was heard -------------------------------
+
+class Reply:
+    """The assistant's replies as the person gets them: the sound into the player, the words onto
+    the screen, and when the person cuts one short, how much was heard (conversation.item.truncate,
+    the struck-through words); the rest of such an item, still arriving, is dropped."""
+
+    def __init__(self, config: Config, player: Player, display: Display, history: History,
+                 send: Callable[[dict[str, Any]], None]) -> None:
+        self.player, self.display, self.history, self.send = player, display, history, send
+        self.log, self.truncates = config.log, config.provider.truncates
+        self.barge_in = config.plumbing.barge_in
+        self.words = Words()
+        self.interrupted: set[str] = set()  # items whose late audio and words we drop
+
+    def audio(self, item_id: str, delta: Any) -> None:
+        if item_id in self.interrupted:
+            return
+        try:
+            audio = base64.b64decode(delta, validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            self.display.warn("skipping audio that is not valid base64", once="base64")
+            return
+        self.player.add(item_id, audio, time.monotonic())  # the loop pumps it next
+
+    def audio_done(self, item_id: str) -> None:
+        if item_id not in self.interrupted:
+            self.player.finish(item_id)
+
+    def transcript_delta(self, item_id: str, delta: str) -> None:
+        if item_id not in self.interrupted:
+            self.words.add(item_id, delta)
+            self.display.assistant_delta(item_id, delta)
+
+    def transcript_done(self, item_id: str, transcript: str) -> None:
+        if item_id not in self.interrupted:
+            self.words.set(item_id, transcript)
+            self.history.remember("assistant", item_id, self.words.get(item_id))
+            self.display.assistant_done(item_id, self.words.get(item_id))
+
+    def done(self, response: dict[str, Any], usage: dict[str, Any], cost: float | None) -> None:
+        """response.done: into the log, with its words, whether all was heard, and its cost."""
+        if response.get("status") == "failed":
+            error = (response.get("status_details") or {}).get("error") or {}
+            self.display.warn(f"the response failed: {error.get('code')} {error.get('message', '')}")
+        ids = [item.get("id", "") for item in response.get("output") or []
+               if item.get("type") == "message"]
+        self.log.write(
+            speaker="assistant", item_ids=ids, status=response.get("status"),
+            text=" ".join(self.words.get(item_id) for item_id in ids).strip(),
+            heard="truncated" if set(ids) & self.interrupted else "full", usage=usage,
+            cost_usd=cost)
+        self.words.keep(self.player.item_ids())
+
+    def stop(self, now: float) -> None:
+        """The person interrupted: silence the player, and say how much of each item was heard."""
+        if self.barge_in and self.player.busy(now):
+            for item in self.player.playing():
+                self._truncate(item, now)
+            self.player.stop()
+
+    def _truncate(self, item: HeardItem, now: float) -> None:
+        heard_ms = self.player.heard_ms(item, now)
+        received_ms = item.received * 1000 // BYTES_PER_SECOND
+        if item.complete and heard_ms >= received_ms:
+            return  # heard to the end: nothing to take back
+        if self.truncates:  # else the model remembers the whole reply
+            self.send({"type": "conversation.item.truncate", "item_id": item.item_id,
+                       "content_index": 0, "audio_end_ms": min(heard_ms, received_ms)})
+        self.interrupted.add(item.item_id)
+        words = self.words.get(item.item_id)
+        heard = words[:round(len(words) * heard_ms / max(received_ms, 1))]
+        self.history.remember("assistant", item.item_id).text = heard
+        self.log.write(event="truncated", item_id=item.item_id, heard_ms=heard_ms,
+                       heard_text=heard)
+        self.display.interrupted(words, heard_ms / max(received_ms, 1))
+
+    def connection_lost(self) -> None:
+        """What the person heard stays in what the next session is told."""
+        self.history.cut_off(self.words)
+
+
+# --- Talking over the assistant: --duplex full, half and auto (the echo guard) -------------------
 
 # Laptop speakers reach the laptop's microphone: the model would hear its own voice and answer it.
-# Without an echo canceller, the guard uses what only this script knows: what was played, and when
-# (the Player's ledger). It learns how the room returns that sound to the microphone, holds back
-# what is only the echo, and lets through the person speaking over it.
+# Each microphone frame passes a gate on its way to the server: full (headphones) lets all through,
+# half mutes while the assistant is audible, auto (the default) asks the echo guard. Without an
+# echo canceller, the guard uses what only this script knows: what was played, and when (the
+# Player's ledger). It learns how the room returns that sound to the microphone, holds back what
+# is only the echo, and lets through the person speaking over it.
+
+class FullDuplex:
+    """--duplex full (headphones): every microphone frame goes to the server. The other two ways
+    are the classes after it, each overriding `screen` and `status`."""
+
+    def __init__(self, player: Player) -> None:
+        self.player = player
+
+    def screen(self, frame: bytes, captured: float, now: float) -> list[bytes]:
+        """What the server gets of this frame, captured at `captured` (the sample clock)."""
+        return [frame]
+
+    def status(self, now: float) -> str | None:
+        return "assistant speaking" if self.player.busy(now) else None
+
+
+class HalfDuplex(FullDuplex):
+    """--duplex half: silence in place of every frame while the assistant is audible, and for the
+    room's echo after it: the model must not hear its own voice, and cannot be talked over."""
+
+    TAIL = 0.3  # s of room echo after the speaker stops
+
+    def screen(self, frame: bytes, captured: float, now: float) -> list[bytes]:
+        if self.player.busy(now) or now < self.player.audible_until() + self.TAIL:
+            return [bytes(len(frame))]
+        return [frame]
+
+    def status(self, now: float) -> str | None:
+        speaking = super().status(now)
+        return speaking and speaking + " (microphone muted)"
+
+
+class Guarded(FullDuplex):
+    """--duplex auto: the echo guard (below) screens each frame. Its own voice is held back (as
+    silence); when the person speaks over it, `barge_in` stops it, and the server gets the frames
+    held since just before they started."""
+
+    def __init__(self, player: Player, echo: EchoGuard, log: TranscriptLog,
+                 barge_in: Callable[[], None]) -> None:
+        super().__init__(player)
+        self.echo, self.log, self.barge_in = echo, log, barge_in
+
+    def screen(self, frame: bytes, captured: float, now: float) -> list[bytes]:
+        verdict = self.echo.hear(frame, captured)
+        if verdict == EchoGuard.PERSON:
+            self.log.write(event="barge-in", by="voice", **self.echo.logged_path())
+            self.barge_in()
+            return self.echo.preroll()
+        return [bytes(len(frame)) if verdict == EchoGuard.HOLD else frame]
+
+    def status(self, now: float) -> str | None:
+        if self.echo.interrupted_since(now - 2):
+            return "you interrupted"
+        speaking = super().status(now)
+        return speaking and f"{speaking} · {self.echo.status()}"
+
+
+def microphone_gate(config: Config, player: Player, echo: EchoGuard | None,
+                    barge_in: Callable[[], None]) -> FullDuplex:
+    """The microphone's way to the server, by --duplex (see duplex_for)."""
+    if echo is not None:
+        return Guarded(player, echo, config.log, barge_in)
+    return HalfDuplex(player) if config.duplex == "half" else FullDuplex(player)
+
 
 ECHO_BIN = 0.010  # s: both envelopes are 10 ms bins
 ECHO_MAX_DELAY = 50  # bins: the longest speaker-to-microphone delay it looks for (500 ms)
@@ -2106,6 +2117,16 @@ class EchoGuard:
         margin = max(sorted(frames)[int(len(frames) * ECHO_CALIBRATION)] if len(frames) >= 100
                      else max(frames) * 10 ** 0.2, 1.0)
         return EchoPath(0, gain_direct, gain_tail, decay, margin, 0.0, len(frames))
+
+    def interrupted_since(self, since: float) -> bool:
+        """The person spoke over the assistant at `since` or later."""
+        return self.interrupted_at >= since
+
+    def logged_path(self) -> dict[str, Any]:
+        """The echo path in use, as the log has it."""
+        path = self.path
+        return {"echo_gain_db": round(path.gain_db, 1) if path else None,
+                "echo_delay_ms": round(path.delay * ECHO_BIN * 1000) if path else None}
 
     def status(self) -> str:
         if self.no_echo:
@@ -2800,6 +2821,9 @@ class Link:
             return
         self.expires_at = time.monotonic() + left
 
+    def current(self) -> Connection | None:
+        return self.connection
+
     def is_ready(self) -> bool:
         """The session is configured: the microphone and the conversation may go to it."""
         return self.ready
@@ -3130,7 +3154,7 @@ def api_name(name: str, taken: set[str], server: str) -> str:
     return unique_name(clean, taken)
 
 
-Reply = Callable[[dict[str, Any] | None, str], None]  # (result, or None and why it failed)
+Answer = Callable[[dict[str, Any] | None, str], None]  # (result, or None and why it failed)
 
 
 class McpServer:
@@ -3148,7 +3172,7 @@ class McpServer:
         self.tools: list[dict[str, Any]] = []
         self.notices: list[str] = []  # for the screen, once each
         self.stderr = StderrTail()
-        self.pending: dict[int, tuple[Reply, float, float]] = {}  # id → (reply, deadline, timeout)
+        self.pending: dict[int, tuple[Answer, float, float]] = {}  # id → (reply, deadline, timeout)
         self.next_id = 1
         self.inbox, self.outbox = b"", b""
         self.bad_json = False
@@ -3194,7 +3218,7 @@ class McpServer:
         self.request("tools/list", {"cursor": cursor} if cursor else {}, listed, self.start_timeout)
 
     # JSON-RPC
-    def request(self, method: str, params: dict[str, Any], reply: Reply, timeout: float) -> int:
+    def request(self, method: str, params: dict[str, Any], reply: Answer, timeout: float) -> int:
         request_id, self.next_id = self.next_id, self.next_id + 1
         self.pending[request_id] = (reply, time.monotonic() + timeout, timeout)
         self._write({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
@@ -3498,15 +3522,58 @@ class Toolbox:
         else:
             self.remote_activity[item_id] = activity
 
-    def take_reply_owed(self) -> bool:
-        """A result came back that the model should speak about: True once."""
-        owed, self.reply_owed = self.reply_owed, False
-        return owed
+    # The API's events about tools
+    def item_added(self, item: dict[str, Any]) -> None:
+        """response.output_item.added: a remote server's tool, called by the API, is running."""
+        if item.get("type") == "mcp_call":
+            self.remote_running(item["id"], f"running {item.get('name')} on "
+                                            f"{item.get('server_label')} (through the API)…")
+
+    def on_event(self, event: dict[str, Any], history: History) -> None:
+        """response.output_item.done, conversation.item.done and mcp_list_tools.*."""
+        item = event.get("item") or {}
+        if event["type"] == "response.output_item.done":
+            self._item_done(item, history)
+        elif event["type"] == "conversation.item.done":
+            if item.get("type") == "mcp_list_tools":
+                names = ", ".join(tool.get("name", "?") for tool in item.get("tools") or [])
+                self.display.info(f"tools from {item.get('server_label')} (through the API): "
+                                  f"{names or 'none'}")
+        elif event["type"] == "mcp_list_tools.in_progress":  # at the session's start
+            self.remote_running(event.get("item_id", ""), "the API is listing the remote MCP "
+                                                          "tools…")
+        else:
+            self.remote_running(event.get("item_id", ""), None)
+            if event["type"] == "mcp_list_tools.failed":
+                self.display.warn("the API could not list the tools of a --mcp-url server; "
+                                  "going on without them")
+
+    def _item_done(self, item: dict[str, Any], history: History) -> None:
+        """A function call is run only once complete: interrupted and cancelled ones end here
+        too, with another status."""
+        if item.get("type") == "function_call" and item.get("status") == "completed":
+            call = self.call(item["call_id"], item["name"], item.get("arguments", ""),
+                             time.monotonic())
+            self.display.tool_call(call.shown)
+        elif item.get("type") == "mcp_approval_request":
+            call = self.approval_requested(item, time.monotonic())
+            self.display.tool_call(f"{call.shown} on {item.get('server_label')}")
+        elif item.get("type") == "mcp_call":
+            self.remote_call_done(item, history)
 
     # What goes back to the model
-    def deliver(self, send: Callable[[dict[str, Any]], None], history: History) -> None:
+    def deliver(self, send: Callable[[dict[str, Any]], None], history: History,
+                may_reply: bool) -> None:
         """Finished calls: a local tool's output as a function_call_output, the person's answer
-        about a remote one as an mcp_approval_response (the API runs it, or not, and goes on)."""
+        about a remote one as an mcp_approval_response (the API runs it, or not, and goes on).
+        One response.create follows, once every call is answered, when the conversation
+        `may_reply` (no response running: one sent during it is refused)."""
+        self._send_outputs(send, history)
+        if may_reply and self.reply_owed and not self.busy():
+            self.reply_owed = False
+            send({"type": "response.create"})
+
+    def _send_outputs(self, send: Callable[[dict[str, Any]], None], history: History) -> None:
         for done in self.take_outputs():
             call = done.call
             if call.approval_request:
@@ -3678,6 +3745,17 @@ class Spend:
         """A response's cost, from its checked usage; None by the minute, or for unknown prices."""
         return response_cost(self.prices, usage) if usage and self.per_minute is None else None
 
+    def response(self, usage: dict[str, Any], minutes: float) -> float | None:
+        """response.done's usage: checked, counted and shown; its cost, for the log."""
+        figures = checked_usage(usage) if usage else None
+        if usage and figures is None:
+            self.display.warn("the API sent usage figures that are not token counts; responses "
+                              "with such figures are not counted", once="usage")
+        cost = self.cost_of(figures)
+        if figures or self.per_minute is not None:
+            self.count(figures, cost, minutes)
+        return cost
+
     def count(self, usage: dict[str, Any] | None, cost: float | None, minutes: float) -> None:
         """A response: its checked usage (None if it had none) and its cost (see cost_of),
         shown."""
@@ -3699,8 +3777,9 @@ class Spend:
         if self.per_minute is not None:
             self.cost = minutes * self.per_minute
 
-    def over_budget(self) -> str | None:
+    def over_budget(self, minutes: float) -> str | None:
         """Why the session ends, once the spend reaches --max-cost; a warning at 80 % first."""
+        self.connected(minutes)
         budget, spent = self.budget, self.cost
         if budget is None or spent is None:
             return None
@@ -3879,6 +3958,14 @@ class Display:
     def fatal(self, text: str) -> None:
         self.stop()
         self.err.print(Text("error: " + self.clean(text), style="bold red"))
+
+    def connected(self, config: Config) -> None:
+        """The first session is ready: what to do now."""
+        how = ("press Enter to end your turn" if config.turn_detection == "none"
+               else "type a line to send text, Enter alone to interrupt")
+        duplex = "echo guard on" if config.duplex == "auto" else f"{config.duplex} duplex"
+        self.info(f"connected: {config.model}, voice {config.voice}, {duplex} — speak now; "
+                  f"{how}; Ctrl-C quits")
 
     def user(self, text: str) -> None:
         self.out.print(Text.assemble(("you: ", "bold cyan"), self.clean(text).strip()))
