@@ -772,7 +772,7 @@ class Conversation:
         self.tools.item_added(item)
 
     def on_audio_delta(self, event: dict[str, Any]) -> None:
-        self.reply.audio(event["item_id"], event["delta"])
+        self.reply.audio(event.get("item_id", ""), event.get("delta"))
 
     def on_audio_done(self, event: dict[str, Any]) -> None:
         self.reply.audio_done(event.get("item_id", ""))
