@@ -8,6 +8,8 @@ gate, over a randomised matrix of rooms, voices, levels and moments, in one run.
     .venv/bin/python bench/echo.py --anchor-trials 24  (the other modes on the first 24 trials)
     .venv/bin/python bench/echo.py --seed 7            (another matrix; the seed is printed)
     .venv/bin/python bench/echo.py --cpu               (only the CPU of each mode; 4 minutes)
+    .venv/bin/python bench/echo.py --modes auto --baseline REV   (auto beside realtime_sox.py
+                                                        at git revision REV, on the same trials)
 
 Each trial is a conversation in its natural order, on the real PulseAudio rig with the real sox,
 the real script and the fake API (whose VAD hears what the script appends): most start with the
@@ -22,6 +24,7 @@ person silent add minutes of the assistant's speech. Every mode gets the same tr
 - auto: the echo guard; full and half: --duplex full and half;
 - webrtc: --duplex full behind PulseAudio's module-echo-cancel (aec_method=webrtc), a real
   echo canceller fed the same played audio and microphone;
+- auto@REV (with --baseline REV): the echo guard of realtime_sox.py at that git revision;
 - gate: --duplex full behind the openai-agents demo's energy gate, applied in the room: while the
   assistant plays, the microphone passes only when its RMS >= max(0.015, 0.6 x the playback's
   smoothed RMS + 0.002), and then the playback is stopped (Enter, as the demo stops its player).
@@ -40,6 +43,7 @@ import dataclasses
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path as FilePath
@@ -104,15 +108,18 @@ def matrix(seed: int, trials: int, silent_runs: int) -> list[Trial]:
     return found
 
 
-def run(mode: str, trial: Trial) -> echo_trial.Result:
-    work = FilePath(tempfile.mkdtemp(prefix=f"echo-{mode}-"))
+def run(mode: str, trial: Trial, baseline: FilePath | None = None) -> echo_trial.Result:
+    """`mode` is one of MODES, or auto@REV: auto of `baseline`, realtime_sox.py at REV."""
+    work = FilePath(tempfile.mkdtemp(prefix=f"echo-{mode.replace('@', '-')}-"))
+    script = baseline if mode.startswith("auto@") and baseline else echo_trial.SCRIPT
+    mode = mode.split("@")[0]
     duplex = mode if mode in ("auto", "full", "half") else "full"
     anchor = None if duplex == mode else mode
     if trial.remembered or trial.change == "headphones out":  # the run before, in the room
         # (with the speakers): only its memory counts. Unplugged headphones need it: with no
         # path ever known, nothing tells the echo from the person.
         echo_trial.run(duplex, trial.path, seconds=4, question=trial.question, cache=work / "cache",
-                       work=work / "before", pair=trial.pair, anchor=anchor)
+                       work=work / "before", pair=trial.pair, anchor=anchor, program=script)
     seconds = max(trial.seconds, (trial.onset or 0) + 4)
     path, changes = trial.path, ()
     if trial.change:  # with headphones out, the room is learned before: the remembered one
@@ -121,7 +128,7 @@ def run(mode: str, trial: Trial) -> echo_trial.Result:
     return echo_trial.run(duplex, path, replies=trial.replies, person_at=trial.onset, changes=changes,
                           seconds=seconds, question=trial.question, cache=work / "cache",
                           work=work / "trial", person_dbfs=trial.person_dbfs, pair=trial.pair,
-                          anchor=anchor)
+                          anchor=anchor, program=script)
 
 
 def share(found: list[bool]) -> str:
@@ -168,6 +175,8 @@ def main() -> int:
                              "matrix (and one silent run): the same rooms, fewer of them")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run auto of realtime_sox.py at this git revision (auto@REV)")
     parser.add_argument("--cpu", action="store_true",
                         help="only the CPU of each mode, 1 minute of the assistant in a -12 dB room")
     args = parser.parse_args()
@@ -181,6 +190,12 @@ def main() -> int:
         print(f"bench/echo.py needs real audio: {reason}", file=sys.stderr)
         return 1
     modes = args.modes.split(",")
+    baseline = None
+    if args.baseline:
+        baseline = FilePath(tempfile.mkdtemp(prefix="baseline-")) / "realtime_sox.py"
+        baseline.write_bytes(subprocess.run(["git", "show", f"{args.baseline}:realtime_sox.py"],
+                                            cwd=ROOT, capture_output=True, check=True).stdout)
+        modes.insert(modes.index("auto") + 1 if "auto" in modes else 0, f"auto@{args.baseline}")
     if args.cpu:
         print("| --duplex | CPU of the whole script, 1 minute of the assistant talking in the "
               "-12 dB room |\n|---|---|")
@@ -194,11 +209,12 @@ def main() -> int:
     for trial in trials:
         print(f"  {trial}", file=sys.stderr, flush=True)
     def chosen(mode: str) -> list[Trial]:
-        if mode == "auto" or args.anchor_trials is None:
+        if mode.startswith("auto") or args.anchor_trials is None:
             return trials
         return trials[:args.anchor_trials] + trials[args.trials:args.trials + 1]
 
-    results = {mode: [(trial, run(mode, trial)) for trial in chosen(mode)] for mode in modes}
+    results = {mode: [(trial, run(mode, trial, baseline)) for trial in chosen(mode)]
+               for mode in modes}
     print(HEADER)
     for mode in modes:
         print(rows(f"{len(results[mode])}", mode, results[mode]), flush=True)

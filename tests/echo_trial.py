@@ -32,7 +32,7 @@ from pathlib import Path as FilePath
 from typing import Any
 
 import numpy as np
-from conftest import API_KEY, Client, cpu_seconds
+from conftest import API_KEY, SCRIPT, Client, cpu_seconds
 from real_audio import speech
 from realtime_server import FakeRealtime, Session
 from room import MIC_SOURCE, Path, Room, load_module, pactl
@@ -79,9 +79,11 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
         seconds: float | None = None, work: FilePath | None = None, question: bool = False,
         cache: FilePath | None = None, person_dbfs: float | None = None,
         pair: tuple[str, str] = ("en-gb", "en-us"), anchor: str | None = None,
-        changes: tuple[tuple[float, Path], ...] = ()) -> Result:
+        changes: tuple[tuple[float, Path], ...] = (), program: FilePath = SCRIPT,
+        pause: tuple[float, float] | None = None) -> Result:
     """`replies` long replies back to back (each cut to `seconds`); the person speaks `person_at`
-    s into the last one. With `question`, the conversation starts in its natural order: the
+    s into the last one; `pause` (s into each reply, s) puts a silence in it, as a speaker
+    takes a breath between two thoughts. With `question`, the conversation starts in its natural order: the
     person asks first, and the first reply answers them; without, the assistant greets first.
     `cache` is the script's XDG_CACHE_HOME (where it remembers the room); `person_dbfs` the
     level of the person's voice at the microphone; `pair` the assistant's and the person's
@@ -89,7 +91,8 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
     the room mid-reply. `anchor` puts something else in front of the script (with --duplex full),
     for bench/echo.py: "webrtc", PulseAudio's WebRTC echo canceller between the room and the
     script; "gate", the openai-agents demo's energy gate (see room.Acoustics), whose opening
-    stops the playback with Enter, as the demo's does."""
+    stops the playback with Enter, as the demo's does. `program`: another realtime_sox.py (a
+    baseline, for bench/echo.py --baseline)."""
     work = work or FilePath(tempfile.mkdtemp(prefix="echo-"))
     work.mkdir(parents=True, exist_ok=True)
     assistant, person, answer = voices(work, pair)
@@ -98,6 +101,9 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
         person, asked = at_level(person, person_dbfs), at_level(asked, person_dbfs)
     if seconds is not None:
         assistant = assistant[:int(seconds * 48_000) // 2 * 2]
+    if pause is not None:
+        at = int(pause[0] * 48_000) // 2 * 2
+        assistant = assistant[:at] + bytes(int(pause[1] * 48_000) // 2 * 2) + assistant[at:]
     reply_seconds = len(assistant) / 48_000
     moments: dict[str, float] = {}
     answers: list[float] = []
@@ -146,7 +152,7 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
     if canceller:
         env.update(PULSE_SOURCE="aec_mic", PULSE_SINK="aec_speaker")
     log = work / "log.jsonl"
-    client = Client(work, server, ["--duplex", duplex, "--log", str(log)], env)
+    client = Client(work, server, ["--duplex", duplex, "--log", str(log)], env, script=program)
     result = Result()
     pressed: list[float] = []
     watching = gate is not None
