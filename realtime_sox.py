@@ -1716,6 +1716,7 @@ ECHO_SLOWEST = 10 ** (-6 * ECHO_BIN * 1000 / 900)  # a bin's fall in the longest
 ECHO_MARGIN = 10 ** 0.45  # power: the person is 4.5 dB above the (calibrated) echo...
 ECHO_FRAMES = 3  # ...over this many 20 ms frames in a row, each above it (or two, each 9 dB above)
 ECHO_ABOVE_NOISE = 10.0  # ...and 10 dB above the room's noise
+ECHO_DIGITAL_SILENCE = 1e-8  # power (-80 dBFS): quieter than any microphone's own hiss
 ECHO_CALIBRATION = 0.99  # the share of echo-only frames the prediction must cover
 ECHO_PREROLL = 0.36  # s of microphone audio sent at a barge-in: the words before it was sure
 
@@ -1943,7 +1944,10 @@ class EchoGuard:
         far_louder = len(self.above) >= 2 and all(
             heard > ECHO_MARGIN ** 2 * most for heard, most in list(self.above)[-2:])
         if not louder and not far_louder:
-            echo_left = expected > 2 * noise or captured < self.audible_until
+            # After the last word, a room that rings may still be heard after the path's tail
+            # has faded (measured while the assistant spoke, its noise is the tail's own floor):
+            # what still rings is held too, or the server hears the end of the reply as a turn.
+            echo_left = max(expected, ringing) > 2 * noise or captured < self.audible_until
             return self.HOLD if echo_left else self.PASS
         self.above.clear()
         self.person = True
@@ -1991,8 +1995,12 @@ class EchoGuard:
     def _track_noise(self) -> None:
         """Speech always pauses for 100 ms somewhere: the quietest 100 ms is the room alone."""
         recent = [power for _, power, _, _ in list(self.heard)[-ECHO_RELEARN:]]
-        self.quiet_means.extend(sum(recent[n:n + 10]) / 10 for n in range(0, len(recent), 10))
-        self.noise = max(min(self.quiet_means), 1e-10)
+        means = [sum(recent[n:n + 10]) / 10 for n in range(0, len(recent), 10)]
+        # Digital silence is not the room's noise: a microphone waking up, muted or gated gives
+        # zeros, and against a noise of zero every pause of the assistant would be the person.
+        self.quiet_means.extend(mean for mean in means if mean > ECHO_DIGITAL_SILENCE)
+        if self.quiet_means:
+            self.noise = min(self.quiet_means)
 
     def _learn(self) -> None:
         """From the last 4 s: the delay that best lines up the envelopes, then the gain and decay

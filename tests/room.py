@@ -42,6 +42,7 @@ class Path:
     rt60_ms: float = 300.0  # the diffuse tail: how long it takes to fall 60 dB
     tail_db: float = -3.0  # the tail's energy against the direct path's
     noise_dbfs: float = -60.0  # the room's and the microphone's own hiss
+    wakes_ms: float = 0.0  # the microphone gives exact zeros until then (a Mac's waking up)
     echo: bool = True  # False: headphones (the speaker does not reach the microphone)
 
     def impulse_response(self, seed: int = 7) -> np.ndarray:
@@ -153,6 +154,7 @@ class Acoustics:
         self.mouth = subprocess.Popen(["pacat", "--playback", f"--device={MIC_SINK}", *PCM,
                                        "--latency-msec=40"], stdin=subprocess.PIPE)
         self.running = True
+        self.awake_at = time.monotonic() + path.wakes_ms / 1000
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         time.sleep(0.3)  # the first blocks are through: the microphone carries the room
@@ -209,6 +211,8 @@ class Acoustics:
                     self.onset_pending = True
         if self.gate:
             mic = self._gated(mic, float(np.sqrt(np.mean((played / 32768) ** 2))), at)
+        if at < self.awake_at:
+            mic[:] = 0.0
         return np.clip(mic, -32768, 32767).astype("<i2").tobytes()
 
     def _gated(self, mic: np.ndarray, played_rms: float, at: float) -> np.ndarray:
