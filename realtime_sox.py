@@ -1995,10 +1995,11 @@ class EchoGuard:
     def _track_noise(self) -> None:
         """Speech always pauses for 100 ms somewhere: the quietest 100 ms is the room alone."""
         recent = [power for _, power, _, _ in list(self.heard)[-ECHO_RELEARN:]]
-        means = [sum(recent[n:n + 10]) / 10 for n in range(0, len(recent), 10)]
+        chunks = [recent[n:n + 10] for n in range(0, len(recent), 10)]
         # Digital silence is not the room's noise: a microphone waking up, muted or gated gives
         # zeros, and against a noise of zero every pause of the assistant would be the person.
-        self.quiet_means.extend(mean for mean in means if mean > ECHO_DIGITAL_SILENCE)
+        self.quiet_means.extend(sum(chunk) / len(chunk) for chunk in chunks
+                                if min(chunk) > ECHO_DIGITAL_SILENCE)
         if self.quiet_means:
             self.noise = min(self.quiet_means)
 

@@ -76,13 +76,12 @@ def test_with_headphones_auto_sends_everything_as_full_duplex_does(tmp_path):
     assert result.answered
 
 
-
 def test_a_microphone_that_wakes_up_silent_a_reply_that_ends_in_silence_is_not_the_person(
         tmp_path):
     """A Mac's microphone gives exact zeros while it wakes up, and a reply's audio may end in a
     second of silence: the assistant greets first, and its echo fades into the room's own hiss,
     which is not the person, though it is louder than the zeros before."""
-    result = echo_trial.run("auto", Path(wakes_ms=1500), seconds=3, pause=(3.0, 1.5),
+    result = echo_trial.run("auto", Path(wakes_ms=1000), seconds=2, pause=(2.0, 1.0),
                             work=tmp_path)
     print(result)
     assert result.local_stops == 0  # the reply played to its end
