@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import codecs
 import collections
 import contextlib
@@ -1568,7 +1567,7 @@ class Reply:
             return
         try:
             audio = base64.b64decode(delta, validate=True)
-        except (binascii.Error, TypeError, ValueError):
+        except (ValueError, TypeError):  # binascii.Error is a ValueError
             self.display.warn("skipping audio that is not valid base64", once="base64")
             return
         self.player.add(item_id, audio, time.monotonic())  # the loop pumps it next
@@ -3750,24 +3749,21 @@ class Spend:
         self.cost: float | None = 0.0  # None once a response's cost is unknown
         self.warned = False
 
-    def cost_of(self, usage: dict[str, Any] | None) -> float | None:
-        """A response's cost, from its checked usage; None by the minute, or for unknown prices."""
-        return response_cost(self.prices, usage) if usage and self.per_minute is None else None
-
     def response(self, usage: dict[str, Any], minutes: float) -> float | None:
-        """response.done's usage: checked, counted and shown; its cost, for the log."""
+        """response.done's usage: checked, counted and shown. Returns its cost, for the log (None
+        by the minute, or for unknown prices)."""
         figures = checked_usage(usage) if usage else None
         if usage and figures is None:
             self.display.warn("the API sent usage figures that are not token counts; responses "
                               "with such figures are not counted", once="usage")
-        cost = self.cost_of(figures)
+        cost = response_cost(self.prices, figures) if figures and self.per_minute is None \
+            else None
         if figures or self.per_minute is not None:
-            self.count(figures, cost, minutes)
+            self._count(figures, cost, minutes)
         return cost
 
-    def count(self, usage: dict[str, Any] | None, cost: float | None, minutes: float) -> None:
-        """A response: its checked usage (None if it had none) and its cost (see cost_of),
-        shown."""
+    def _count(self, usage: dict[str, Any] | None, cost: float | None, minutes: float) -> None:
+        """A response: its checked usage (None if it had none) and its cost, shown."""
         self.responses += 1
         if usage is not None:
             self.input_tokens += usage["input_tokens"]
