@@ -8,6 +8,10 @@ gate, over a randomised matrix of rooms, voices, levels and moments, in one run.
     .venv/bin/python bench/echo.py --anchor-trials 24  (the other modes on the first 24 trials)
     .venv/bin/python bench/echo.py --seed 7            (another matrix; the seed is printed)
     .venv/bin/python bench/echo.py --cpu               (only the CPU of each mode; 4 minutes)
+    .venv/bin/python bench/echo.py --headphones 12 --modes auto --baseline REV
+                                                       (only headphones: unplugged mid-reply with
+                                                        the person silent, and worn with a room
+                                                        remembered while the person talks over it)
     .venv/bin/python bench/echo.py --modes auto --baseline REV   (auto beside realtime_sox.py
                                                         at git revision REV, on the same trials)
 
@@ -62,6 +66,7 @@ CHANGES = {
     "headphones in": lambda room: (room, Path(echo=False)),
     "headphones out": lambda room: (Path(echo=False), room),
 }
+WORN = "headphones on, a room remembered"  # --headphones: a run with the speakers came first
 # (assistant, person): male and female both ways, from two synthesisers.
 PAIRS = [("en-gb", "flite:slt"), ("flite:slt", "en-us"), ("en-us+f3", "flite:kal"),
          ("flite:rms", "en-us+f2")]
@@ -78,10 +83,13 @@ class Trial:
     replies: int  # the person talks over the last of them
     remembered: bool  # a run in the same room comes first: the room is remembered
     seconds: float  # of each reply
-    change: str = ""  # the path changes 2 s before the person speaks (see CHANGES)
+    change: str = ""  # the path changes 2 s before the person speaks (see CHANGES), or WORN
+    change_at: float = 0.0  # s into the reply it changes, if not 2 s before the person speaks
 
     @property
     def room(self) -> str:
+        if self.change == WORN:
+            return WORN
         if self.change:
             return f"path changes: {self.change}"
         loud = "-12 to -6 dB" if self.path.gain_db > -12 else (
@@ -108,6 +116,26 @@ def matrix(seed: int, trials: int, silent_runs: int) -> list[Trial]:
     return found
 
 
+def headphones(seed: int, count: int) -> list[Trial]:
+    """`count` replies of 8 s with the person silent and the headphones unplugged 2 to 4.1 s
+    into them, and `count` with the headphones on throughout and the person talking over the
+    first reply, each after a run with the speakers in the same room (so that its path is
+    remembered: the one that tells an unplugged echo from the person)."""
+    rng = random.Random(seed)
+    found = []
+    for number in range(2 * count):
+        path = Path(gain_db=round(rng.uniform(-24, -6), 1), delay_ms=round(rng.uniform(5, 60)),
+                    rt60_ms=round(rng.uniform(150, 900)), noise_dbfs=rng.choice([-60.0, -45.0]))
+        pair, level, question = rng.choice(PAIRS), round(rng.uniform(-26, -14), 1), rng.random() < 0.5
+        if number < count:
+            found.append(Trial(number, path, pair, level, question, None, 1, False, 8.0,
+                               "headphones out", round(rng.uniform(2.0, 4.1), 1)))
+        else:
+            found.append(Trial(number, path, pair, level, question,
+                               rng.choice([1.0, 1.5, 2.5, 4.5]), 1, False, 7.0, WORN))
+    return found
+
+
 def run(mode: str, trial: Trial, baseline: FilePath | None = None) -> echo_trial.Result:
     """`mode` is one of MODES, or auto@REV: auto of `baseline`, realtime_sox.py at REV."""
     work = FilePath(tempfile.mkdtemp(prefix=f"echo-{mode.replace('@', '-')}-"))
@@ -115,16 +143,18 @@ def run(mode: str, trial: Trial, baseline: FilePath | None = None) -> echo_trial
     mode = mode.split("@")[0]
     duplex = mode if mode in ("auto", "full", "half") else "full"
     anchor = None if duplex == mode else mode
-    if trial.remembered or trial.change == "headphones out":  # the run before, in the room
+    if trial.remembered or trial.change in ("headphones out", WORN):  # a run before, in the room
         # (with the speakers): only its memory counts. Unplugged headphones need it: with no
         # path ever known, nothing tells the echo from the person.
         echo_trial.run(duplex, trial.path, seconds=4, question=trial.question, cache=work / "cache",
                        work=work / "before", pair=trial.pair, anchor=anchor, program=script)
     seconds = max(trial.seconds, (trial.onset or 0) + 4)
     path, changes = trial.path, ()
-    if trial.change:  # with headphones out, the room is learned before: the remembered one
+    if trial.change == WORN:
+        path = Path(echo=False)
+    elif trial.change:  # with headphones out, the room is learned before: the remembered one
         before, after = CHANGES[trial.change](trial.path)
-        path, changes = before, (((trial.onset or 6) - 2, after),)
+        path, changes = before, ((trial.change_at or (trial.onset or 6) - 2, after),)
     return echo_trial.run(duplex, path, replies=trial.replies, person_at=trial.onset, changes=changes,
                           seconds=seconds, question=trial.question, cache=work / "cache",
                           work=work / "trial", person_dbfs=trial.person_dbfs, pair=trial.pair,
@@ -140,15 +170,25 @@ def median(values: list[float | None], unit: str = " ms") -> str:
     return f"{statistics.median(known):.0f}{unit}" if known else "–"
 
 
+def stop_ms(result: echo_trial.Result) -> float | None:
+    """The last sound of the reply after the person's first word. Before it (negative), the
+    reply was stopped for nobody, if its truncation came before the word too; if it came after
+    (the person spoke in a pause of the reply, which never sounded again), the sound stopped
+    as they began: 0."""
+    if result.stop_ms is not None and result.stop_ms < 0 and \
+            result.detect_ms is not None and result.detect_ms >= 0:
+        return 0.0
+    return result.stop_ms
+
+
 def rows(label: str, mode: str, results: list[tuple[Trial, echo_trial.Result]]) -> str:
     minutes = sum(result.assistant_seconds for _, result in results) / 60
     triggered = sum(result.self_triggered for _, result in results)
     silent_stops = sum(result.local_stops for trial, result in results if trial.onset is None)
     # Before the onset, a stop is false too: the person had not spoken yet.
-    early = sum(1 for trial, result in results if trial.onset is not None
-                and result.stop_ms is not None and result.stop_ms < -50)
     talked = [(trial, result) for trial, result in results if trial.onset is not None]
-    stops = [result.stop_ms for _, result in talked]
+    stops = [stop_ms(result) for _, result in talked]
+    early = sum(1 for stop in stops if stop is not None and stop < -50)
     per_ten = (silent_stops + early) * 10 / minutes if minutes else float("nan")
     return (f"| {label} | {mode} | {minutes:.1f} min | {triggered} | {silent_stops + early} "
             f"({per_ten:.1f} per 10 min) "
@@ -177,6 +217,8 @@ def main() -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--baseline", metavar="REV",
                         help="also run auto of realtime_sox.py at this git revision (auto@REV)")
+    parser.add_argument("--headphones", type=int, metavar="N",
+                        help="only headphones: N unplugged mid-reply, N worn (see headphones())")
     parser.add_argument("--cpu", action="store_true",
                         help="only the CPU of each mode, 1 minute of the assistant in a -12 dB room")
     args = parser.parse_args()
@@ -203,9 +245,14 @@ def main() -> int:
             result = echo_trial.run(mode, Path(gain_db=-12), replies=2)
             print(f"| {mode} | {result.cpu_percent:.2f} % of a core |", flush=True)
         return 0
-    trials = matrix(args.seed, args.trials, args.silent_runs)
-    print(f"seed {args.seed}: {args.trials} trials with the person talking, {args.silent_runs} "
-          "with the person silent", flush=True)
+    if args.headphones:
+        trials = headphones(args.seed, args.headphones)
+        print(f"seed {args.seed}: headphones, {args.headphones} unplugged mid-reply with the "
+              f"person silent, {args.headphones} worn with the person talking", flush=True)
+    else:
+        trials = matrix(args.seed, args.trials, args.silent_runs)
+        print(f"seed {args.seed}: {args.trials} trials with the person talking, "
+              f"{args.silent_runs} with the person silent", flush=True)
     for trial in trials:
         print(f"  {trial}", file=sys.stderr, flush=True)
     def chosen(mode: str) -> list[Trial]:
@@ -213,8 +260,16 @@ def main() -> int:
             return trials
         return trials[:args.anchor_trials] + trials[args.trials:args.trials + 1]
 
-    results = {mode: [(trial, run(mode, trial, baseline)) for trial in chosen(mode)]
-               for mode in modes}
+    results: dict[str, list[tuple[Trial, echo_trial.Result]]] = {}
+    for mode in modes:
+        results[mode] = []
+        for trial in chosen(mode):
+            result = run(mode, trial, baseline)
+            results[mode].append((trial, result))
+            print(f"  {mode} trial {trial.number}: {result.self_triggered} turns, "
+                  f"{result.local_stops} stops, stop {result.stop_ms} ms, truncate "
+                  f"{result.detect_ms} ms, speech_started {result.speech_started_ms} ms",
+                  file=sys.stderr, flush=True)
     print(HEADER)
     for mode in modes:
         print(rows(f"{len(results[mode])}", mode, results[mode]), flush=True)
