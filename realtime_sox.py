@@ -1709,13 +1709,14 @@ ECHO_RELEARN = 100
 ECHO_FIRST_RELEARN = 20  # ...and this often until it has learned the room from this run
 ECHO_LEARN_FROM = 50  # bins of the assistant's sound it needs before it trusts what it learned
 ECHO_TAIL = 1.0  # s after the assistant's sound in which the microphone may still hear it
-ECHO_RECENT = 30  # bins (300 ms) that tell whether the echo came back (headphones unplugged)
+ECHO_RECENT = 30  # bins (300 ms) kept to tell whether the echo came back (headphones unplugged)
 ECHO_DECAYS = (100, 200, 300, 450, 650, 900)  # ms: the room tails (RT60) it tries
 ECHO_SLOWEST = 10 ** (-6 * ECHO_BIN * 1000 / 900)  # a bin's fall in the longest-ringing room
 ECHO_MARGIN = 10 ** 0.45  # power: the person is 4.5 dB above the (calibrated) echo...
 ECHO_FRAMES = 3  # ...over this many 20 ms frames in a row, each above it (or two, each 9 dB above)
 ECHO_ABOVE_NOISE = 10.0  # ...and 10 dB above the room's noise
 ECHO_DIGITAL_SILENCE = 1e-8  # power (-80 dBFS): quieter than any microphone's own hiss
+ECHO_DOUBT = 10, 12  # with headphones: loud 20 ms frames held before asking if it is the echo, at most
 ECHO_CALIBRATION = 0.99  # the share of echo-only frames the prediction must cover
 ECHO_PREROLL = 0.36  # s of microphone audio sent at a barge-in: the words before it was sure
 
@@ -1831,6 +1832,7 @@ class EchoGuard:
         self.above: collections.deque[tuple[float, float]] = collections.deque(
             maxlen=ECHO_FRAMES)  # (heard, expected) of the frames in a row above the prediction
         self.bins_heard = 0
+        self.doubt = self.doubt_quiet = 0  # with headphones: loud frames held, quiet ones since
         self.person = False  # speaking over the assistant, until the next reply plays
         self.interrupted_at = -math.inf
         self.audible_until = -math.inf  # the end of the last played audio (ledger time)
@@ -1895,10 +1897,12 @@ class EchoGuard:
         # However the path was learned, the echo heard a moment ago (as much of it as the path
         # explains) still rings at least as in the longest-ringing room: a pause is not the person.
         ringing = sum(self.ring * ECHO_SLOWEST ** (n + 1) for n in range(len(powers)))
+        self.recent.extend(zip(powers, expectations, strict=True))
         verdict = self._verdict(heard, expected, ringing, len(powers) * self.noise, captured)
+        if verdict == self.PASS:
+            self.preroll_frames.clear()  # sent: a barge-in later must not send it twice
         for power, most in zip(powers, expectations, strict=True):
             self.ring = max(self.ring * ECHO_SLOWEST, min(power, most))
-        self.recent.extend(zip(powers, expectations, strict=True))
         return verdict
 
     def _expected(self, key: int) -> float:
@@ -1920,49 +1924,81 @@ class EchoGuard:
     def _verdict(self, heard: float, expected: float, ringing: float, noise: float,
                  captured: float) -> str:
         audible = captured < self.audible_until + 0.5  # 0.5 s: the longest delay and tail
-        if self.no_echo and audible and not self.person and self._echo_is_back():
-            self.no_echo, self.learned, self.fits = False, False, []  # a path to prove again
-            self.heard.clear()  # learnt afresh from the echo as it is now, not the silence before
-            return self.HOLD
-        if self.person or self.no_echo or not audible:
+        if self.person or not audible or (self.no_echo and self.path is None):
             self.above.clear()
+            self.doubt = self.doubt_quiet = 0
             return self.PASS
+        if self.no_echo:
+            return self._headphones(heard, expected, ringing, noise, captured)
         if self.path is None:  # still learning the room: the microphone is the assistant's
             return self.HOLD
         if not self.learned and not self._fits_remembered(heard, expected, noise):
             return self.HOLD
+        if self._louder(heard, expected, ringing, noise):
+            return self._person(captured)
+        # After the last word, a room that rings may still be heard after the path's tail has
+        # faded (measured while the assistant spoke, its noise is the tail's own floor): what
+        # still rings is held too, or the server hears the end of the reply as a turn.
+        echo_left = max(expected, ringing) > 2 * noise or captured < self.audible_until
+        return self.HOLD if echo_left else self.PASS
+
+    def _louder(self, heard: float, expected: float, ringing: float, noise: float) -> bool:
+        """Whether this frame, with the ones before it, is the person over the echo. A voice is
+        louder than the echo for a while; the prediction's misses are short. So it takes three
+        frames above the prediction, together a margin above it (a first word often starts
+        under a loud syllable of the assistant's), or two far above it."""
         if heard > expected and heard > ECHO_ABOVE_NOISE * noise and heard > ringing:
             self.above.append((heard, expected))
         else:
             self.above.clear()
-        # A voice is louder than the echo for a while; the prediction's misses are short. So it
-        # takes three frames above the prediction, together a margin above it (a first word
-        # often starts under a loud syllable of the assistant's), or two far above it.
         louder = len(self.above) == ECHO_FRAMES and \
             sum(heard for heard, _ in self.above) > ECHO_MARGIN * sum(most for _, most in self.above)
         far_louder = len(self.above) >= 2 and all(
             heard > ECHO_MARGIN ** 2 * most for heard, most in list(self.above)[-2:])
-        if not louder and not far_louder:
-            # After the last word, a room that rings may still be heard after the path's tail
-            # has faded (measured while the assistant spoke, its noise is the tail's own floor):
-            # what still rings is held too, or the server hears the end of the reply as a turn.
-            echo_left = max(expected, ringing) > 2 * noise or captured < self.audible_until
-            return self.HOLD if echo_left else self.PASS
+        return louder or far_louder
+
+    def _person(self, captured: float) -> str:
         self.above.clear()
+        self.doubt = self.doubt_quiet = 0
         self.person = True
         self.interrupted_at = captured
         return self.PERSON
 
-    def _echo_is_back(self) -> bool:
-        """With no echo (headphones), whether it came back (unplugged): the last 300 ms heard
-        follow what the path known before says the echo would be, as the person's voice would
-        not. The path is the one learned before the headphones, or the remembered one."""
-        if self.path is None or len(self.recent) < ECHO_RECENT:
-            return False
-        heard = [math.sqrt(power) for power, _ in self.recent]
-        expected = [math.sqrt(max(most - self.noise, 0.0)) for _, most in self.recent]
-        loud = sum(power for power, _ in self.recent) > ECHO_ABOVE_NOISE * self.noise * len(heard)
-        return loud and correlation(heard, expected) > 0.8
+    def _headphones(self, heard: float, expected: float, ringing: float, noise: float,
+                    captured: float) -> str:
+        """With no echo (headphones) but a path known from before, while the assistant is
+        audible: a sound is held until it tells whether the headphones came out (it follows the
+        path) or it is the person (louder than the path's echo, or not following it). Sent at
+        once, the echo's first 200 ms would start a turn. Silence passes; a click or a breath,
+        followed by 100 ms of silence, is dropped."""
+        if heard <= ECHO_ABOVE_NOISE * noise:
+            self.above.clear()
+            self.doubt_quiet = self.doubt_quiet + 1 if self.doubt else 0
+            if self.doubt_quiet >= 5:
+                self.doubt = self.doubt_quiet = 0
+            return self.HOLD if self.doubt else self.PASS
+        self.doubt, self.doubt_quiet = self.doubt + 1, 0
+        if self._louder(heard, expected, ringing, noise):
+            return self._person(captured)
+        look, most = ECHO_DOUBT
+        if self.doubt >= look and self._echo_is_back(2 * self.doubt, self.doubt >= most):
+            self.no_echo, self.learned, self.fits = False, False, []  # a path to prove again
+            self.heard.clear()  # learnt afresh from the echo as it is now, not the silence before
+            self.doubt = self.doubt_quiet = 0  # what it held was the echo: it is never sent
+            return self.HOLD
+        return self._person(captured) if self.doubt >= most else self.HOLD
+
+    def _echo_is_back(self, bins: int, last_chance: bool) -> bool:
+        """Whether the sound of the last `bins` follows what the path known before (learned
+        before the headphones, or remembered) says the echo would be, as the person's voice
+        would not: correlated by 0.85 (0.75 at the `last_chance`). A voice that starts as the
+        assistant's grows can follow it for 100 ms, hence 200 ms to tell. The echo may come up
+        to 30 ms later than the path says: another run's devices."""
+        recent = list(self.recent)[-bins:]
+        heard = [math.sqrt(power) for power, _ in recent]
+        expected = [math.sqrt(max(most - self.noise, 0.0)) for _, most in recent]
+        best = max(correlation(heard[lag:], expected[:len(expected) - lag]) for lag in range(4))
+        return best > (0.75 if last_chance else 0.85)
 
     def _remembered_fit(self) -> float | None:
         """This run's echo against the remembered path (1: as loud as it says), the median of

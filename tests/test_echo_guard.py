@@ -40,11 +40,14 @@ def assert_interrupted_in_time(result, stop_ms=500):
     assert result.answered
 
 
-def test_the_person_asks_talks_over_the_first_reply_and_the_next_run_remembers_the_room(
+def test_the_person_asks_talks_over_the_first_reply_and_the_next_runs_remember_the_room(
         tmp_path):
     """The natural order: the question first (whose sound the guard must not learn the room
     from), the reply half a second after it, the person talking over it 2.5 s in. The next run
-    remembers the room (a file in XDG_CACHE_HOME), so its first reply can be talked over 1 s in."""
+    remembers the room (a file in XDG_CACHE_HOME), so its first reply can be talked over 1 s in.
+    The run after starts with headphones on (no echo: everything is sent) and 1.5 s into the
+    reply they come out: the echo that comes back follows the remembered path, and is held back
+    from its first frame (sent, its first 150 ms would be a turn)."""
     cache = tmp_path / "cache"
     first = echo_trial.run("auto", Path(gain_db=-12), question=True, person_at=2.5, seconds=5,
                            cache=cache, work=tmp_path / "first")
@@ -57,6 +60,11 @@ def test_the_person_asks_talks_over_the_first_reply_and_the_next_run_remembers_t
                             cache=cache, work=tmp_path / "second")
     print(second)
     assert_interrupted_in_time(second)
+    unplugged = echo_trial.run("auto", Path(echo=False), changes=((1.5, Path(gain_db=-12)),),
+                               seconds=4, cache=cache, work=tmp_path / "unplugged")
+    print(unplugged)
+    assert unplugged.self_triggered == 0
+    assert unplugged.local_stops == 0  # the reply played to its end
 
 
 def test_a_quieter_echo_the_person_asks_then_talks_over_the_first_reply(tmp_path):
@@ -67,7 +75,7 @@ def test_a_quieter_echo_the_person_asks_then_talks_over_the_first_reply(tmp_path
 
 
 def test_with_headphones_auto_sends_everything_as_full_duplex_does(tmp_path):
-    result = echo_trial.run("auto", Path(echo=False), person_at=2.5, seconds=5, work=tmp_path)
+    result = echo_trial.run("auto", Path(echo=False), person_at=1.5, seconds=3.5, work=tmp_path)
     print(result)
     assert result.self_triggered == 0
     assert result.local_stops == 0  # nothing to guard against: the server's VAD hears the person
