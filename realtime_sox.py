@@ -1808,7 +1808,9 @@ class EchoGuard:
 
     Before it has learned the room it holds everything while the assistant is audible (as safe as
     --duplex half); once it knows there is no echo (headphones) it passes everything (as --duplex
-    full). When in doubt it holds: a self-triggered turn costs money, a late barge-in 100 ms."""
+    full), but for a moment's doubt, if it knows the speakers' path, whether a sound is their
+    echo come back. When in doubt it holds: a self-triggered turn costs money, a late barge-in
+    100 ms."""
 
     PASS, HOLD, PERSON = "pass", "hold", "person"
 
