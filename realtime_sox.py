@@ -1961,7 +1961,7 @@ class EchoGuard:
 
     def _person(self, captured: float) -> str:
         self.above.clear()
-        self.doubt = self.doubt_quiet = 0
+        self.doubt = self.doubt_quiet = 0  # a reply that starts before the next frame starts afresh
         self.person = True
         self.interrupted_at = captured
         return self.PERSON
@@ -1971,7 +1971,7 @@ class EchoGuard:
         """With no echo (headphones) but a path known from before, while the assistant is
         audible: a sound is held until it tells whether the headphones came out (it follows the
         path) or it is the person (louder than the path's echo, or not following it). Sent at
-        once, the echo's first 200 ms would start a turn. Silence passes; a click or a breath,
+        once, the echo's first 150 ms would start a turn. Silence passes; a click or a breath,
         followed by 100 ms of silence, is dropped."""
         if heard <= ECHO_ABOVE_NOISE * noise:
             self.above.clear()

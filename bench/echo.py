@@ -97,12 +97,18 @@ class Trial:
         return loud + (", RT60 > 600 ms" if self.path.rt60_ms > 600 else "")
 
 
+def draw_room(rng: random.Random) -> Path:
+    """A room from the matrix's ranges: echo -24 to -6 dB, delay 5 to 60 ms, RT60 150 to 900 ms,
+    noise -60 or -45 dBFS."""
+    return Path(gain_db=round(rng.uniform(-24, -6), 1), delay_ms=round(rng.uniform(5, 60)),
+                rt60_ms=round(rng.uniform(150, 900)), noise_dbfs=rng.choice([-60.0, -45.0]))
+
+
 def matrix(seed: int, trials: int, silent_runs: int) -> list[Trial]:
     rng = random.Random(seed)
     found = []
     for number in range(trials + silent_runs):
-        path = Path(gain_db=round(rng.uniform(-24, -6), 1), delay_ms=round(rng.uniform(5, 60)),
-                    rt60_ms=round(rng.uniform(150, 900)), noise_dbfs=rng.choice([-60.0, -45.0]))
+        path = draw_room(rng)
         remembered = number < trials and rng.random() < 0.25
         change = rng.choice(sorted(CHANGES)) if number < trials and not remembered and \
             rng.random() < 0.2 else ""
@@ -124,8 +130,7 @@ def headphones(seed: int, count: int) -> list[Trial]:
     rng = random.Random(seed)
     found = []
     for number in range(2 * count):
-        path = Path(gain_db=round(rng.uniform(-24, -6), 1), delay_ms=round(rng.uniform(5, 60)),
-                    rt60_ms=round(rng.uniform(150, 900)), noise_dbfs=rng.choice([-60.0, -45.0]))
+        path = draw_room(rng)
         pair, level, question = rng.choice(PAIRS), round(rng.uniform(-26, -14), 1), rng.random() < 0.5
         if number < count:
             found.append(Trial(number, path, pair, level, question, None, 1, False, 8.0,

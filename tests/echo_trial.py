@@ -83,8 +83,9 @@ def run(duplex: str, path: Path, replies: int = 1, person_at: float | None = Non
         pause: tuple[float, float] | None = None) -> Result:
     """`replies` long replies back to back (each cut to `seconds`); the person speaks `person_at`
     s into the last one; `pause` (s into each reply, s) puts a silence in it, as a speaker
-    takes a breath between two thoughts. With `question`, the conversation starts in its natural order: the
-    person asks first, and the first reply answers them; without, the assistant greets first.
+    takes a breath between two thoughts. With `question`, the conversation starts in its
+    natural order: the person asks first, and the first reply answers them; without, the
+    assistant greets first.
     `cache` is the script's XDG_CACHE_HOME (where it remembers the room); `person_dbfs` the
     level of the person's voice at the microphone; `pair` the assistant's and the person's
     voices (see real_audio.speech); `changes` ((s into the last reply, the new path), …) change
