@@ -1715,6 +1715,7 @@ ECHO_SLOWEST = 10 ** (-6 * ECHO_BIN * 1000 / 900)  # a bin's fall in the longest
 ECHO_MARGIN = 10 ** 0.45  # power: the person is 4.5 dB above the (calibrated) echo...
 ECHO_FRAMES = 3  # ...over this many 20 ms frames in a row, each above it (or two, each 9 dB above)
 ECHO_ABOVE_NOISE = 10.0  # ...and 10 dB above the room's noise
+ECHO_SOUNDING = 1e-5  # power (-50 dBFS) the assistant plays above while it speaks, not pauses
 ECHO_DIGITAL_SILENCE = 1e-8  # power (-80 dBFS): quieter than any microphone's own hiss
 ECHO_DOUBT = 10, 12  # with headphones: loud 20 ms frames held before asking if it is the echo, at most
 ECHO_CALIBRATION = 0.99  # the share of echo-only frames the prediction must cover
@@ -1794,6 +1795,7 @@ class EchoPath:
     margin: float
     match: float  # how well the envelopes correlate, 0..1
     frames: int = 0  # how many 20 ms frames the margin was calibrated on
+    level: float = 0.0  # their median of heard / predicted (0: not known, an older memory)
 
     @property
     def gain_db(self) -> float:
@@ -1834,6 +1836,11 @@ class EchoGuard:
         self.above: collections.deque[tuple[float, float]] = collections.deque(
             maxlen=ECHO_FRAMES)  # (heard, expected) of the frames in a row above the prediction
         self.bins_heard = 0
+        # (heard, expected, the assistant's sound, not its tail) of the bins the path has predicted
+        self.predicted: collections.deque[tuple[float, float, bool]] = collections.deque(
+            maxlen=ECHO_RELEARN)
+        self.learn_from = -math.inf  # the first bin to learn from: the echo's level changed there
+        self.kept_margin = 0.0  # the margin from before that change, for fits too young for theirs
         self.doubt = self.doubt_quiet = 0  # with headphones: loud frames held, quiet ones since
         self.person = False  # speaking over the assistant, until the next reply plays
         self.interrupted_at = -math.inf
@@ -1883,7 +1890,10 @@ class EchoGuard:
         powers = [frame_power(frame[start:start + size]) for start in range(0, len(frame), size)]
         first = round(captured / ECHO_BIN)
         heard = sum(powers)
-        expectations = [self._expected(first + n) for n in range(len(powers))]
+        expectations, sounding = [], []  # ...and whether the assistant's sound reaches it now
+        for n in range(len(powers)):
+            expectations.append(self._expected(first + n))
+            sounding.append(self.direct > ECHO_SOUNDING)
         expected = sum(expectations)
         # Louder than the echo may be the person: the echo is not learned from it. Nor from what
         # the microphone hears before the assistant's sound, or long after: the person's question.
@@ -1891,9 +1901,15 @@ class EchoGuard:
         may_echo = self.sound_from <= captured + 0.02 and captured < self.sound_until + ECHO_TAIL
         for n, power in enumerate(powers):
             self.heard.append((first + n, power, suspect, may_echo))
+            self.predicted.append((power, expectations[n], sounding[n] and not suspect))
             self.bins_heard += 1
-            if self.bins_heard % ECHO_RELEARN == 0:
+            # Every 100 ms in the first second: a remembered room is checked against the room's
+            # noise before the first reply (against the -60 dBFS assumed at the start, a fan's
+            # -45 dBFS reads as a louder echo, and the memory is dropped).
+            if self.bins_heard % (ECHO_RELEARN if self.bins_heard > ECHO_RELEARN else 10) == 0:
                 self._track_noise()
+            if self.learned and self.bins_heard % ECHO_RELEARN == ECHO_RELEARN // 2:
+                self._follow_volume(first + n)
             if self.bins_heard % (ECHO_RELEARN if self.learned else ECHO_FIRST_RELEARN) == 0:
                 self._learn()
         # However the path was learned, the echo heard a moment ago (as much of it as the path
@@ -1932,9 +1948,10 @@ class EchoGuard:
             return self.PASS
         if self.no_echo:
             return self._headphones(heard, expected, ringing, noise, captured)
-        if self.path is None:  # still learning the room: the microphone is the assistant's
-            return self.HOLD
-        if not self.learned and not self._fits_remembered(heard, expected, noise):
+        learning = self.path is None or (  # the microphone is the assistant's until it knows
+            not self.learned and not self._fits_remembered(heard, expected, noise))
+        if learning:
+            self.above.clear()  # frames above a path since dropped are not above the next one
             return self.HOLD
         if self._louder(heard, expected, ringing, noise):
             return self._person(captured)
@@ -2000,7 +2017,14 @@ class EchoGuard:
         heard = [math.sqrt(power) for power, _ in recent]
         expected = [math.sqrt(max(most - self.noise, 0.0)) for _, most in recent]
         best = max(correlation(heard[lag:], expected[:len(expected) - lag]) for lag in range(4))
-        return best > (0.75 if last_chance else 0.85)
+        if best > (0.75 if last_chance else 0.85):
+            return True
+        if not last_chance:
+            return False
+        # A steady stretch of the assistant's voice has too little envelope to correlate: the
+        # echo then shows in its level, every bin under what the path says and near it.
+        ratios = sorted(power / most if most > 0 else math.inf for power, most in recent)
+        return ratios[-1] <= 1.0 and ratios[len(ratios) // 2] > 0.1
 
     def _remembered_fit(self) -> float | None:
         """This run's echo against the remembered path (1: as loud as it says), the median of
@@ -2029,6 +2053,29 @@ class EchoGuard:
         return frames
 
     # Learning the room
+    def _follow_volume(self, key: int) -> None:
+        """Whether the echo of the last half second is far quieter than the path says (the
+        speakers turned down, headphones plugged in): the path is then scaled down at once, and
+        learnt again only from what comes after. Relearnt from a window that straddles the
+        change, its margin would cover the louder echo before it: deaf to the person for 4 s."""
+        path = self.path
+        if path is None or not path.level or path.frames < 50:
+            return
+        ratios = []
+        for heard, expected, sounding in self.predicted:
+            echo = (expected - self.noise) / path.margin
+            if sounding and echo > 2 * ECHO_ABOVE_NOISE * self.noise:
+                ratios.append(heard / (self.noise + echo))
+        if len(ratios) < 20:
+            return
+        change = sorted(ratios)[len(ratios) // 2] / path.level
+        if change < 0.16:  # 8 dB quieter, half the time
+            change = max(change, 0.01)
+            self.path = dataclasses.replace(path, direct=path.direct * change,
+                                            tail=path.tail * change)
+            self.learn_from, self.kept_margin = key - len(self.predicted), path.margin
+            self.predicted.clear()
+
     def _track_noise(self) -> None:
         """Speech always pauses for 100 ms somewhere: the quietest 100 ms is the room alone."""
         recent = [power for _, power, _, _ in list(self.heard)[-ECHO_RELEARN:]]
@@ -2054,6 +2101,11 @@ class EchoGuard:
         old = self.path if self.learned else None  # a remembered room gives way at once
         if old is not None and path.margin * path.direct < old.margin * old.direct:
             path = dataclasses.replace(path, margin=(path.margin + old.margin) / 2)  # slowly
+        if path.frames >= 100:
+            self.kept_margin = 0.0
+        elif self.kept_margin and path.margin > self.kept_margin:  # the same room, quieter
+            path = dataclasses.replace(path, margin=self.kept_margin)
+        self.predicted.clear()
         first, self.path, self.learned = not self.learned, path, True
         if self._settle() and first:  # the person spoke before there was a path: without them
             path = self._fit_window() or path
@@ -2126,7 +2178,8 @@ class EchoGuard:
                 start, end = max(index - 10, 0), min(index + 11, len(held_out))
                 held_out[start:end] = [True] * (end - start)
         return [(key, power) for (key, power, _, may_echo), out
-                in zip(self.heard, held_out, strict=True) if may_echo and not out]
+                in zip(self.heard, held_out, strict=True)
+                if may_echo and not out and key >= self.learn_from]
 
     def _fit(self, heard: list[float], echo: list[float], direct: list[float], rt60_ms: float
              ) -> EchoPath:
@@ -2162,7 +2215,8 @@ class EchoGuard:
         # 2 dB on top, until there are more.
         margin = max(sorted(frames)[int(len(frames) * ECHO_CALIBRATION)] if len(frames) >= 100
                      else max(frames) * 10 ** 0.2, 1.0)
-        return EchoPath(0, gain_direct, gain_tail, decay, margin, 0.0, len(frames))
+        level = sorted(frames)[len(frames) // 2]
+        return EchoPath(0, gain_direct, gain_tail, decay, margin, 0.0, len(frames), level)
 
     def interrupted_since(self, since: float) -> bool:
         """The person spoke over the assistant at `since` or later."""
@@ -2206,12 +2260,12 @@ class RoomMemory:
         try:
             path = EchoPath(int(room["delay"]), float(room["direct"]), float(room["tail"]),
                             float(room["decay"]), float(room["margin"]), float(room["match"]),
-                            int(room.get("frames", 0)))
+                            int(room.get("frames", 0)), float(room.get("level", 0.0)))
         except (TypeError, KeyError, ValueError, OverflowError):
             return None
         sane = 0 <= path.delay <= ECHO_MAX_DELAY and 0 <= path.direct <= 10 and \
             0 <= path.tail <= 10 and 0 < path.decay < 1 and 1 <= path.margin <= 1000 and \
-            path.direct + path.tail > 0
+            path.direct + path.tail > 0 and 0 <= path.level <= 1000
         return path if sane else None
 
     def keep(self, guard: EchoGuard) -> None:
