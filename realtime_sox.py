@@ -1717,6 +1717,10 @@ ECHO_FRAMES = 3  # ...over this many 20 ms frames in a row, each above it (or tw
 ECHO_ABOVE_NOISE = 10.0  # ...and 10 dB above the room's noise
 ECHO_SOUNDING = 1e-5  # power (-50 dBFS) the assistant plays above while it speaks, not pauses
 ECHO_DIGITAL_SILENCE = 1e-8  # power (-80 dBFS): quieter than any microphone's own hiss
+# A remembered room no longer holds when this run's echo is louder than it says, half the time, by
+# 4 dB: where it held, the first verdict ranged 0.6 to 1.7 (bench/echo_replay.py's matrix), and
+# 3 dB dropped a right one now and then, leaving the first reply deaf to the person.
+ECHO_LOUDER = 10 ** 0.4
 ECHO_DOUBT = 10, 12  # with headphones: loud 20 ms frames held before asking if it is the echo, at most
 ECHO_CALIBRATION = 0.99  # the share of echo-only frames the prediction must cover
 ECHO_PREROLL = 0.36  # s of microphone audio sent at a barge-in: the words before it was sure
@@ -2041,7 +2045,7 @@ class EchoGuard:
             self.fits.append((heard - noise) * self.path.margin / (expected - noise))
             del self.fits[:-50]
         fit = self._remembered_fit()
-        if fit is not None and fit > 2:  # 3 dB louder, half the time
+        if fit is not None and fit > ECHO_LOUDER:
             self.path, self.fits = None, []
             return False
         return fit is not None
@@ -2095,7 +2099,7 @@ class EchoGuard:
             return
         fit = self._remembered_fit()
         if not self.learned and self.path is not None and path.frames < 100 and \
-                fit is not None and fit <= 2:
+                fit is not None and fit <= ECHO_LOUDER:
             return  # a remembered room this run's echo agrees with beats a young fit
         self.no_echo = False
         old = self.path if self.learned else None  # a remembered room gives way at once
