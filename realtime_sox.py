@@ -1721,6 +1721,10 @@ ECHO_DIGITAL_SILENCE = 1e-8  # power (-80 dBFS): quieter than any microphone's o
 # 4 dB: where it held, the first verdict ranged 0.6 to 1.7 (bench/echo_replay.py's matrix), and
 # 3 dB dropped a right one now and then, leaving the first reply deaf to the person.
 ECHO_LOUDER = 10 ** 0.4
+# ...and it is lowered at once when 8 dB quieter, half the time: speakers turned down 10 dB came
+# out 9.3 to 11.4 dB quieter, headphones 17 dB, and no half second of a reply with nothing changed
+# more than 7 dB (the same recordings).
+ECHO_QUIETER = 10 ** -0.8
 ECHO_DOUBT = 10, 12  # with headphones: loud 20 ms frames held before asking if it is the echo, at most
 ECHO_CALIBRATION = 0.99  # the share of echo-only frames the prediction must cover
 ECHO_PREROLL = 0.36  # s of microphone audio sent at a barge-in: the words before it was sure
@@ -2058,9 +2062,9 @@ class EchoGuard:
 
     # Learning the room
     def _follow_volume(self, key: int) -> None:
-        """Whether the echo of the last half second is far quieter than the path says (the
-        speakers turned down, headphones plugged in): the path is then scaled down at once, and
-        learnt again only from what comes after. Relearnt from a window that straddles the
+        """When the echo of the last half second is far quieter than the path says (the speakers
+        turned down, headphones plugged in), the path is scaled down at once, and learnt again
+        only from what comes after. Relearnt from a window that straddles the
         change, its margin would cover the louder echo before it: deaf to the person for 4 s."""
         path = self.path
         if path is None or not path.level or path.frames < 50:
@@ -2073,7 +2077,7 @@ class EchoGuard:
         if len(ratios) < 20:
             return
         change = sorted(ratios)[len(ratios) // 2] / path.level
-        if change < 0.16:  # 8 dB quieter, half the time
+        if change < ECHO_QUIETER:
             change = max(change, 0.01)
             self.path = dataclasses.replace(path, direct=path.direct * change,
                                             tail=path.tail * change)
