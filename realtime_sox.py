@@ -1849,6 +1849,7 @@ class EchoGuard:
             maxlen=ECHO_RELEARN)
         self.learn_from = -math.inf  # the first bin to learn from: the echo's level changed there
         self.kept_margin = 0.0  # the margin from before that change, for fits too young for theirs
+        self.unscaled: EchoPath | None = None  # the path from before it, until one is learnt after
         self.doubt = self.doubt_quiet = 0  # with headphones: loud frames held, quiet ones since
         self.person = False  # speaking over the assistant, until the next reply plays
         self.interrupted_at = -math.inf
@@ -2067,8 +2068,8 @@ class EchoGuard:
         only from what comes after. Relearnt from a window that straddles the
         change, its margin would cover the louder echo before it: deaf to the person for 4 s."""
         path = self.path
-        if path is None or not path.level or path.frames < 50:
-            return
+        if path is None or self.no_echo or not path.level or path.frames < 50:
+            return  # (with headphones, the path is the speakers' for when they come out)
         ratios = []
         for heard, expected, sounding in self.predicted:
             echo = (expected - self.noise) / path.margin
@@ -2081,7 +2082,8 @@ class EchoGuard:
             change = max(change, 0.01)
             self.path = dataclasses.replace(path, direct=path.direct * change,
                                             tail=path.tail * change)
-            self.learn_from, self.kept_margin = key - len(self.predicted), path.margin
+            self.learn_from, self.kept_margin = key, path.margin  # none of the echo before it
+            self.unscaled = self.unscaled or path
             self.predicted.clear()
 
     def _track_noise(self) -> None:
@@ -2099,6 +2101,8 @@ class EchoGuard:
         """From the last 4 s: the delay that best lines up the envelopes, then the gain and decay
         that best predict what the microphone heard while only the assistant spoke."""
         path = self._fit_window()
+        if self.no_echo and self.unscaled is not None:  # headphones: if they come out, the echo
+            self.path, self.unscaled = self.unscaled, None  # is the speakers' as it was before
         if path is None:
             return
         fit = self._remembered_fit()
@@ -2110,7 +2114,7 @@ class EchoGuard:
         if old is not None and path.margin * path.direct < old.margin * old.direct:
             path = dataclasses.replace(path, margin=(path.margin + old.margin) / 2)  # slowly
         if path.frames >= 100:
-            self.kept_margin = 0.0
+            self.kept_margin, self.unscaled = 0.0, None
         elif self.kept_margin and path.margin > self.kept_margin:  # the same room, quieter
             path = dataclasses.replace(path, margin=self.kept_margin)
         self.predicted.clear()
