@@ -2065,8 +2065,9 @@ class EchoGuard:
     def _follow_volume(self, key: int) -> None:
         """When the echo of the last half second is far quieter than the path says (the speakers
         turned down, headphones plugged in), the path is scaled down at once, and learnt again
-        only from what comes after. Relearnt from a window that straddles the
-        change, its margin would cover the louder echo before it: deaf to the person for 4 s."""
+        only from what comes after. Relearnt from a window that straddles the change, its margin
+        would cover the louder echo before it: deaf to the person for 4 s. Once no echo is found
+        (headphones), the path from before is put back (see _learn)."""
         path = self.path
         if path is None or self.no_echo or not path.level or path.frames < 50:
             return  # (with headphones, the path is the speakers' for when they come out)
