@@ -1709,7 +1709,7 @@ ECHO_RELEARN = 100
 ECHO_FIRST_RELEARN = 20  # ...and this often until it has learned the room from this run
 ECHO_LEARN_FROM = 50  # bins of the assistant's sound it needs before it trusts what it learned
 ECHO_TAIL = 1.0  # s after the assistant's sound in which the microphone may still hear it
-ECHO_RECENT = 30  # bins (300 ms) kept to tell whether the echo came back (headphones unplugged)
+ECHO_RECENT = 100  # bins (1 s) kept: whether the echo came back (headphones), or got quieter
 ECHO_DECAYS = (100, 200, 300, 450, 650, 900)  # ms: the room tails (RT60) it tries
 ECHO_SLOWEST = 10 ** (-6 * ECHO_BIN * 1000 / 900)  # a bin's fall in the longest-ringing room
 ECHO_MARGIN = 10 ** 0.45  # power: the person is 4.5 dB above the (calibrated) echo...
@@ -1839,14 +1839,13 @@ class EchoGuard:
         self.no_echo = False
         self.direct = self.room = 0.0  # the delayed reference now, and its tail in the room
         self.ring = 0.0  # the echo the microphone heard, fading as slowly as any room rings
-        self.recent: collections.deque[tuple[float, float]] = collections.deque(
-            maxlen=ECHO_RECENT)  # (heard, expected) of the last bins
+        # (heard, expected, the assistant's sound and not the person's) of the last bins
+        self.recent: collections.deque[tuple[float, float, bool]] = collections.deque(
+            maxlen=ECHO_RECENT)
         self.above: collections.deque[tuple[float, float]] = collections.deque(
             maxlen=ECHO_FRAMES)  # (heard, expected) of the frames in a row above the prediction
         self.bins_heard = 0
-        # (heard, expected, the assistant's sound, not its tail) of the bins the path has predicted
-        self.predicted: collections.deque[tuple[float, float, bool]] = collections.deque(
-            maxlen=ECHO_RELEARN)
+        self.predicted = 0  # of the recent bins, how many the path in use predicted
         self.learn_from = -math.inf  # the first bin to learn from: the echo's level changed there
         self.kept_margin = 0.0  # the margin from before that change, for fits too young for theirs
         self.unscaled: EchoPath | None = None  # the path from before it, until one is learnt after
@@ -1910,7 +1909,8 @@ class EchoGuard:
         may_echo = self.sound_from <= captured + 0.02 and captured < self.sound_until + ECHO_TAIL
         for n, power in enumerate(powers):
             self.heard.append((first + n, power, suspect, may_echo))
-            self.predicted.append((power, expectations[n], sounding[n] and not suspect))
+            self.recent.append((power, expectations[n], sounding[n] and not suspect))
+            self.predicted += 1
             self.bins_heard += 1
             # Every 100 ms in the first second: a remembered room is checked against the room's
             # noise before the first reply (against the -60 dBFS assumed at the start, a fan's
@@ -1924,7 +1924,6 @@ class EchoGuard:
         # However the path was learned, the echo heard a moment ago (as much of it as the path
         # explains) still rings at least as in the longest-ringing room: a pause is not the person.
         ringing = sum(self.ring * ECHO_SLOWEST ** (n + 1) for n in range(len(powers)))
-        self.recent.extend(zip(powers, expectations, strict=True))
         verdict = self._verdict(heard, expected, ringing, len(powers) * self.noise, captured)
         if verdict == self.PASS:
             self.preroll_frames.clear()  # sent: a barge-in later must not send it twice
@@ -2023,8 +2022,8 @@ class EchoGuard:
         assistant's grows can follow it for 100 ms, hence 200 ms to tell. The echo may come up
         to 30 ms later than the path says: another run's devices."""
         recent = list(self.recent)[-bins:]
-        heard = [math.sqrt(power) for power, _ in recent]
-        expected = [math.sqrt(max(most - self.noise, 0.0)) for _, most in recent]
+        heard = [math.sqrt(power) for power, _, _ in recent]
+        expected = [math.sqrt(max(most - self.noise, 0.0)) for _, most, _ in recent]
         best = max(correlation(heard[lag:], expected[:len(expected) - lag]) for lag in range(4))
         if best > (0.75 if last_chance else 0.85):
             return True
@@ -2032,7 +2031,7 @@ class EchoGuard:
             return False
         # A steady stretch of the assistant's voice has too little envelope to correlate: the
         # echo then shows in its level, every bin under what the path says and near it.
-        ratios = sorted(power / most if most > 0 else math.inf for power, most in recent)
+        ratios = sorted(power / most if most > 0 else math.inf for power, most, _ in recent)
         return ratios[-1] <= 1.0 and ratios[len(ratios) // 2] > 0.1
 
     def _remembered_fit(self) -> float | None:
@@ -2072,7 +2071,8 @@ class EchoGuard:
         if path is None or self.no_echo or not path.level or path.frames < 50:
             return  # (with headphones, the path is the speakers' for when they come out)
         ratios = []
-        for heard, expected, sounding in self.predicted:
+        predicted = list(self.recent)[-self.predicted:] if self.predicted else []
+        for heard, expected, sounding in predicted:
             echo = (expected - self.noise) / path.margin
             if sounding and echo > 2 * ECHO_ABOVE_NOISE * self.noise:
                 ratios.append(heard / (self.noise + echo))
@@ -2085,7 +2085,7 @@ class EchoGuard:
                                             tail=path.tail * change)
             self.learn_from, self.kept_margin = key, path.margin  # none of the echo before it
             self.unscaled = self.unscaled or path
-            self.predicted.clear()
+            self.predicted = 0
 
     def _track_noise(self) -> None:
         """Speech always pauses for 100 ms somewhere: the quietest 100 ms is the room alone."""
@@ -2118,7 +2118,7 @@ class EchoGuard:
             self.kept_margin, self.unscaled = 0.0, None
         elif self.kept_margin and path.margin > self.kept_margin:  # the same room, quieter
             path = dataclasses.replace(path, margin=self.kept_margin)
-        self.predicted.clear()
+        self.predicted = 0
         first, self.path, self.learned = not self.learned, path, True
         if self._settle() and first:  # the person spoke before there was a path: without them
             path = self._fit_window() or path
@@ -2226,10 +2226,11 @@ class EchoGuard:
             return EchoPath(0, 0.0, 0.0, decay, math.inf, 0.0)
         # Too few frames for a 99th percentile (the first second of a reply): the loudest, and
         # 2 dB on top, until there are more.
-        margin = max(sorted(frames)[int(len(frames) * ECHO_CALIBRATION)] if len(frames) >= 100
-                     else max(frames) * 10 ** 0.2, 1.0)
-        level = sorted(frames)[len(frames) // 2]
-        return EchoPath(0, gain_direct, gain_tail, decay, margin, 0.0, len(frames), level)
+        frames.sort()
+        margin = max(frames[int(len(frames) * ECHO_CALIBRATION)] if len(frames) >= 100
+                     else frames[-1] * 10 ** 0.2, 1.0)
+        return EchoPath(0, gain_direct, gain_tail, decay, margin, 0.0, len(frames),
+                        frames[len(frames) // 2])
 
     def interrupted_since(self, since: float) -> bool:
         """The person spoke over the assistant at `since` or later."""

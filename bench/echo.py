@@ -166,6 +166,22 @@ def run(mode: str, trial: Trial, baseline: FilePath | None = None) -> echo_trial
                           anchor=anchor, program=script)
 
 
+def checkout(rev: str) -> FilePath:
+    """realtime_sox.py as it was at git revision `rev`, in a file of its own."""
+    path = FilePath(tempfile.mkdtemp(prefix="baseline-")) / "realtime_sox.py"
+    path.write_bytes(subprocess.run(["git", "show", f"{rev}:realtime_sox.py"], cwd=ROOT,
+                                    capture_output=True, check=True).stdout)
+    return path
+
+
+def pulse_over_its_socket() -> None:
+    """PulseAudio 16 can abort (memblock.c: "n_imported > 0" failed) after hours of clients
+    coming and going with shared memory; through the socket, every client of the run is safe."""
+    client_conf = FilePath(tempfile.mkdtemp(prefix="echo-pulse-")) / "client.conf"
+    client_conf.write_text("enable-shm = no\n")
+    os.environ["PULSE_CLIENTCONFIG"] = str(client_conf)
+
+
 def share(found: list[bool]) -> str:
     return f"{sum(found)} of {len(found)}" if found else "–"
 
@@ -227,11 +243,7 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true",
                         help="only the CPU of each mode, 1 minute of the assistant in a -12 dB room")
     args = parser.parse_args()
-    # PulseAudio 16 can abort (memblock.c: "n_imported > 0" failed) after hours of clients
-    # coming and going with shared memory; through the socket, every client of the run is safe.
-    client_conf = FilePath(tempfile.mkdtemp(prefix="echo-pulse-")) / "client.conf"
-    client_conf.write_text("enable-shm = no\n")
-    os.environ["PULSE_CLIENTCONFIG"] = str(client_conf)
+    pulse_over_its_socket()
     reason = why_no_real_audio()
     if reason:
         print(f"bench/echo.py needs real audio: {reason}", file=sys.stderr)
@@ -239,9 +251,7 @@ def main() -> int:
     modes = args.modes.split(",")
     baseline = None
     if args.baseline:
-        baseline = FilePath(tempfile.mkdtemp(prefix="baseline-")) / "realtime_sox.py"
-        baseline.write_bytes(subprocess.run(["git", "show", f"{args.baseline}:realtime_sox.py"],
-                                            cwd=ROOT, capture_output=True, check=True).stdout)
+        baseline = checkout(args.baseline)
         modes.insert(modes.index("auto") + 1 if "auto" in modes else 0, f"auto@{args.baseline}")
     if args.cpu:
         print("| --duplex | CPU of the whole script, 1 minute of the assistant talking in the "

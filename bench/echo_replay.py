@@ -35,7 +35,6 @@ import math
 import os
 import pickle
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -84,9 +83,7 @@ def record(into: FilePath, headphones: int | None, seed: int, trials: int, silen
     reason = why_no_real_audio()
     if reason:
         sys.exit(f"bench/echo_replay.py --record needs real audio: {reason}")
-    client_conf = FilePath(tempfile.mkdtemp(prefix="echo-pulse-")) / "client.conf"
-    client_conf.write_text("enable-shm = no\n")  # see bench/echo.py
-    os.environ["PULSE_CLIENTCONFIG"] = str(client_conf)
+    echo.pulse_over_its_socket()
     source = (ROOT / "realtime_sox.py").read_text()
     cut = source.index('\nif __name__ == "__main__":')
     program = FilePath(tempfile.mkdtemp(prefix="recorder-")) / "realtime_sox.py"
@@ -216,10 +213,8 @@ def main() -> int:
         parser.error("--record DIR or --replay DIR")
     versions = {"this code": ROOT / "realtime_sox.py"}
     if args.baseline:
-        old = FilePath(tempfile.mkdtemp(prefix="baseline-")) / "realtime_sox.py"
-        old.write_bytes(subprocess.run(["git", "show", f"{args.baseline}:realtime_sox.py"],
-                                       cwd=ROOT, capture_output=True, check=True).stdout)
-        versions[args.baseline] = old
+        from echo import checkout
+        versions[args.baseline] = checkout(args.baseline)
     folders = sorted(f for f in args.replay.glob("t*") if (f / "trial.json").exists())
     results = {label: [replay(load(path, f"guard{n}"), f) for f in folders]
                for n, (label, path) in enumerate(versions.items())}
