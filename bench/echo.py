@@ -47,7 +47,6 @@ import dataclasses
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path as FilePath
@@ -57,6 +56,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import echo_trial  # noqa: E402
 from real_audio import why_no_real_audio  # noqa: E402
 from room import Path  # noqa: E402
+from run import checkout  # noqa: E402
 
 MODES = ("auto", "full", "half", "webrtc", "gate")
 # Mid-reply: (the path before, the path after), from the trial's room.
@@ -164,14 +164,6 @@ def run(mode: str, trial: Trial, baseline: FilePath | None = None) -> echo_trial
                           seconds=seconds, question=trial.question, cache=work / "cache",
                           work=work / "trial", person_dbfs=trial.person_dbfs, pair=trial.pair,
                           anchor=anchor, program=script)
-
-
-def checkout(rev: str) -> FilePath:
-    """realtime_sox.py as it was at git revision `rev`, in a file of its own."""
-    path = FilePath(tempfile.mkdtemp(prefix="baseline-")) / "realtime_sox.py"
-    path.write_bytes(subprocess.run(["git", "show", f"{rev}:realtime_sox.py"], cwd=ROOT,
-                                    capture_output=True, check=True).stdout)
-    return path
 
 
 def pulse_over_its_socket() -> None:

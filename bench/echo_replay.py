@@ -213,7 +213,7 @@ def main() -> int:
         parser.error("--record DIR or --replay DIR")
     versions = {"this code": ROOT / "realtime_sox.py"}
     if args.baseline:
-        from echo import checkout
+        from run import checkout
         versions[args.baseline] = checkout(args.baseline)
     folders = sorted(f for f in args.replay.glob("t*") if (f / "trial.json").exists())
     results = {label: [replay(load(path, f"guard{n}"), f) for f in folders]

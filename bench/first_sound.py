@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import conftest  # noqa: E402
 from conftest import Client, noise  # noqa: E402
 from realtime_server import FakeRealtime, Session  # noqa: E402
-from run import environment  # noqa: E402
+from run import checkout, environment  # noqa: E402
 
 REPLY_SECONDS = 1.5
 REPLIES = 3
@@ -82,9 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="5889d05", help="a commit of realtime_sox.py to compare")
     args = parser.parse_args()
-    baseline = Path(tempfile.mkdtemp(prefix="baseline-")) / "realtime_sox.py"
-    baseline.write_bytes(subprocess.run(["git", "show", f"{args.baseline}:realtime_sox.py"],
-                                        cwd=ROOT, check=True, capture_output=True).stdout)
+    baseline = checkout(args.baseline)
     print("| delivery | first reply: delta → heard | later replies | longest gap | "
           f"{args.baseline}: first | later | gap |")
     print("|---|---|---|---|---|---|---|")

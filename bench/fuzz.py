@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import Client, cpu_seconds  # noqa: E402
 from hostile import BROKEN_FRAMES, SKIPPED_FRAMES, flood, storm  # noqa: E402
 from realtime_server import FakeRealtime, Session  # noqa: E402
-from run import environment  # noqa: E402
+from run import checkout, environment  # noqa: E402
 from test_hostile_server import UNSAFE, strict_json  # noqa: E402
 
 ROUNDS = list(BROKEN_FRAMES.values())
@@ -122,13 +122,6 @@ def burst(script_path: Path) -> tuple[float, float]:
     run.interrupt()
     server.stop()
     return (took or [float("inf")])[0], cpu * 1000  # NaN CPU: the script had ended
-
-
-def checkout(rev: str) -> Path:
-    path = Path(tempfile.mkdtemp(prefix="baseline-")) / "realtime_sox.py"
-    path.write_bytes(subprocess.run(["git", "show", f"{rev}:realtime_sox.py"], cwd=ROOT,
-                                    check=True, capture_output=True).stdout)
-    return path
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ import pty
 import select
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import termios
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import noise  # noqa: E402
 from hostile import flood  # noqa: E402
 from realtime_server import FakeRealtime, Session  # noqa: E402
-from run import environment, pct  # noqa: E402
+from run import checkout, environment, pct  # noqa: E402
 from test_connecting import Stub  # noqa: E402
 
 SECONDS = 5.0
@@ -179,9 +178,7 @@ def main() -> None:
                         help="git revision of realtime_sox.py to measure beside this one")
     parser.add_argument("--only", default="", help="only the faults whose name holds this")
     args = parser.parse_args()
-    baseline = Path(tempfile.mkdtemp(prefix="baseline-")) / "realtime_sox.py"
-    baseline.write_bytes(subprocess.run(["git", "show", f"{args.baseline}:realtime_sox.py"],
-                                        cwd=ROOT, check=True, capture_output=True).stdout)
+    baseline = checkout(args.baseline)
     now, before = measure(ROOT / "realtime_sox.py", args.only), measure(baseline, args.only)
     print(f"| keystroke echo under each fault, p50 / p99 / max | this code | {args.baseline} |")
     print("|---|---|---|")

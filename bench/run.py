@@ -15,6 +15,7 @@ import base64
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +28,14 @@ from conftest import API_KEY, Client, SoxLog, cpu_seconds, noise  # noqa: E402
 from realtime_server import FakeRealtime, Session  # noqa: E402
 
 BPS = 48_000
+
+
+def checkout(rev: str) -> Path:
+    """realtime_sox.py as it was at git revision `rev`, in a file of its own: the baseline."""
+    path = Path(tempfile.mkdtemp(prefix="baseline-")) / "realtime_sox.py"
+    path.write_bytes(subprocess.run(["git", "show", f"{rev}:realtime_sox.py"], cwd=ROOT,
+                                    check=True, capture_output=True).stdout)
+    return path
 
 
 def environment(work: Path, extra: dict[str, str], real_sox: bool = False
