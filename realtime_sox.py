@@ -649,12 +649,13 @@ class Conversation:
         reconnect."""
         return self.link.current()
 
-    def tick(self, now: float) -> None:
-        """Timers: the end after the last words, the link's (see Link.tick), sox's, the tools'."""
+    def tick(self, now: float, all_handled: bool) -> None:
+        """Timers: the end after the last words, the link's (see Link.tick), sox's, the tools'.
+        `all_handled`: no message of the connection waits in the inbox."""
         if self.ending and not self.player.busy(now):  # the last words play to their end
             raise Stop(self.ending)
         self.end_if_over_budget(now)  # by the minute (xAI), the cost grows with the time
-        if self.link.tick(now, self.at_turn_boundary(now)) is not None:
+        if self.link.tick(now, self.at_turn_boundary(now), all_handled) is not None:
             self.on_connection_lost()
         self.sox.tick(now)
         self.tools.tick(now)
@@ -1083,7 +1084,7 @@ def loop(conversation: Conversation, display: Display, others: list[ModelCheck])
             for event in inbox.events(until=time.monotonic() + EVENT_SLICE):
                 conversation.handle(event)
             now = time.monotonic()
-            conversation.tick(now)
+            conversation.tick(now, all_handled=not inbox)
             display.refresh(conversation.status(now), now)
     finally:
         display.stop()
@@ -2709,11 +2710,7 @@ class Connection:
         the protocol ends the connection, as a drop does: the link reconnects."""
         if not self._recv():
             self.dropped = self.dropped or "the connection dropped without a close frame"
-        try:
-            return self._messages()
-        except Fatal as failure:
-            self.fail(failure)
-            return []
+        return self._messages()
 
     def buffered(self) -> bool:
         """Bytes that select() cannot see: decrypted ones inside the SSL socket, or what _recv
@@ -2743,7 +2740,16 @@ class Connection:
         return True
 
     def _messages(self) -> list[tuple[int, bytes]]:
-        messages = []
+        """The complete messages in what was read; those before a frame that breaks the
+        protocol too (they came from the API: shown, logged, counted), the break then ends it."""
+        messages: list[tuple[int, bytes]] = []
+        try:
+            self._parse(messages)
+        except Fatal as failure:
+            self.fail(failure)
+        return messages
+
+    def _parse(self, messages: list[tuple[int, bytes]]) -> None:
         while (frame := self._next_frame()) is not None:
             fin, opcode, payload = frame
             if opcode == websocket.ABNF.OPCODE_PING:
@@ -2766,7 +2772,6 @@ class Connection:
                     messages.append((self.fragmented_opcode, b"".join(self.fragments)))
                     self.fragments.clear()
                     self.fragmented_opcode = 0
-        return messages
 
     def _broken(self, what: str) -> Fatal:
         return Fatal(f"the API broke the WebSocket protocol ({what})", Exit.CLOSED, retry=True)
@@ -2965,9 +2970,11 @@ class Link:
             self.addresses = self.connection.resolved
         return True
 
-    def tick(self, now: float, at_pause: bool) -> str | None:
+    def tick(self, now: float, at_pause: bool, all_handled: bool) -> str | None:
         """Deadlines, reconnecting, keepalive pings and the rollover. Returns why the connection
-        was lost, when it was."""
+        was lost, when it was: once the messages that came before the drop are all handled (a
+        busy loop may hold some in its inbox), so that none of them is taken for the next
+        session's (a `session.updated` would say it started)."""
         connection = self.connection
         if connection is None:
             if self.reconnect_at is not None and now >= self.reconnect_at:
@@ -2978,7 +2985,7 @@ class Link:
         if connection.phase == "open" and not connection.dropped:
             self._keep_alive(connection, now, at_pause)
         connection.flush()
-        return self._lost(now) if connection.dropped else None
+        return self._lost(now) if connection.dropped and all_handled else None
 
     def _keep_alive(self, connection: Connection, now: float, at_pause: bool) -> None:
         if not self.ready and now - connection.started > 2 * self.timeout:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 from conftest import API_KEY, assert_no_orphans, noise
-from hostile import BROKEN_FRAMES, Generator, dumps, flood, storm
+from hostile import BROKEN_FRAMES, Generator, dumps, flood, frame, storm
 from realtime_server import SERVER_EVENTS
 from test_terminal import Terminal
 
@@ -155,6 +155,37 @@ def test_a_flood_of_small_events_never_holds_the_loop(serve, run_client, tmp_pat
     assert ends_within(client, 1.0) == 0  # in the middle of the second burst
     # The microphone went out all along: an append every 20 ms, give or take the bursts.
     assert appended >= since / 0.02 * 0.6, (appended, since)
+
+
+def test_what_came_before_a_broken_frame_is_handled_before_the_next_session(serve, run_client):
+    """20,000 small events, the person's words, a `session.updated`, then a frame that breaks the
+    protocol, in one write: the client handles a burst in slices, and it reconnects only once it
+    has handled every event that came before the break, so none is taken for the next session's
+    (the `session.updated` would say that it started, with no session behind it)."""
+    ids = '"response_id": "resp_f", "item_id": "item_f", "output_index": 0, "content_index": 0'
+    burst = b"".join(frame(0x1, (f'{{"type": "response.output_audio_transcript.delta", '
+                                 f'"event_id": "d{i}", {ids}, "delta": "."}}').encode())
+                     for i in range(20_000))
+
+    async def script(session):
+        update = await session.handshake()
+        if session.number == 1:
+            await session.send("response.created", response={"id": "resp_f"})
+            session.ws.transport.write(burst)
+            await session.user_said("u1", "the last words")
+            await session.send("session.updated", session=update["session"])
+            session.ws.transport.write(BROKEN_FRAMES["an unknown opcode"])
+        else:
+            await session.reply(noise(0.2), "Still here.")
+        await asyncio.sleep(3600)
+
+    server = serve(script)
+    client = run_client(server, "--duplex", "full")
+    client.wait_for("assistant: Still here.", timeout=20)
+    assert ends_within(client, 1.0) == 0
+    assert client.stdout.count("connected again") == 1 == len(server.sessions_received) - 1
+    before, _, after = client.stdout.partition("connected again")
+    assert "you: the last words" in before and "the last words" not in after
 
 
 @pytest.mark.parametrize("figure", ["Infinity", "1e400", "NaN", "1" + "0" * 400, "-5", "1.5"])
