@@ -17,7 +17,8 @@ check-audio: $(VENV)/.run sox
 	@$(VENV)/bin/python realtime_sox.py --check-audio $(ARGS)
 
 test: $(VENV)/.dev
-	$(VENV)/bin/python -m pytest -q --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -n 2 -m "not real_audio" --durations=10 tests
+	$(VENV)/bin/python -m pytest -q -m real_audio --durations=5 tests
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check --line-length 110 --select E,F,W,B,UP,I realtime_sox.py tests bench

@@ -149,7 +149,7 @@ def base_env(tmp_path: Path, sox_log: SoxLog) -> dict[str, str]:
     sox.chmod(0o755)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OPENAI_", "REALTIME_", "FAKE_SOX_", "PULSE_LATENCY", "AZURE_OPENAI_",
-                                "XAI_"))}
+                                "XAI_")) and k not in ("COLUMNS", "LINES")}  # xdist sets 80×24
     # A dead loopback port unless a test names its fake server: no test may reach a real API.
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", FAKE_SOX_DIR=str(sox_log.dir),
                OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL="http://127.0.0.1:9/v1",
@@ -225,3 +225,18 @@ def running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return sys.platform != "linux"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "real_audio: plays or records on the real audio server")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that play or record on the real audio server, which they share (one sink, one
+    monitor; one test restarts it) and which wants the machine quiet: `make test` runs them one
+    after another, after the rest."""
+    for item in items:
+        reasons = " ".join(str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "real audio" in reasons or "pulse-rig" in reasons or fixtures & {"real_env", "real_env_path"}:
+            item.add_marker(pytest.mark.real_audio)

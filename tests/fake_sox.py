@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import sys
 import time
 
@@ -109,11 +110,14 @@ def record(argv: list[str], raw: int, times: int, speed: float, die_at: float) -
         device_checks()
         data = mic[offset:offset + chunk]
         data += bytes(chunk - len(data))
+        # The log holds exactly what went out: a SIGTERM between the two writes waits for both.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             os.write(1, data)
         except BrokenPipeError:
             return False
         log(raw, times, time.monotonic(), offset, data)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         offset += chunk
 
 

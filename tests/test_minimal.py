@@ -57,6 +57,7 @@ def test_a_voice_turn_and_a_typed_turn_heard_to_their_end_the_microphone_muted_m
                                                    "--rate", "24000", "--channels", "1",
                                                    "--encoding", "signed-integer", "--bits", "16",
                                                    "--type", "raw", "-"]
+    client.wait_for("(session $0.0029)")
     assert client.stop() == 0
     assert "session: $0.0029" in client.stdout
 

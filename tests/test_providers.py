@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import re
 import time
 
 from conftest import API_KEY, noise
@@ -166,5 +167,7 @@ def test_xai_minutes_count_against_max_cost_while_nobody_talks(serve, run_client
     started = time.monotonic()
     assert client.finish(timeout=10) == 0
     assert 0.9 < time.monotonic() - started < 3
-    assert "stopped: this session has cost $0.0010, reaching --max-cost $0.0010" in client.stdout
+    # The loop wakes when the budget is reached; a busy machine may wake it 30 ms late ($0.00003).
+    assert re.search(r"stopped: this session has cost \$0\.001[01], reaching --max-cost \$0\.0010",
+                     client.stdout), client.stdout
     assert "of --max-cost $0.0010 used" in client.stderr  # the warning at 80 %

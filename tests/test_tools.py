@@ -184,6 +184,9 @@ def test_a_tool_that_changes_things_never_runs_from_a_pipe_unless_approved(
     client = run_client(server, *args)
     client.wait_for("→", timeout=20)
     if runs:  # the script crashes (SIGKILL): the server still ends, at the end of its input
+        deadline = time.monotonic() + 10
+        while not outputs and time.monotonic() < deadline:  # once the result reached the model
+            time.sleep(0.05)
         client.process.send_signal(signal.SIGKILL)
         client.finish()
         deadline = time.monotonic() + 3
