@@ -1079,7 +1079,8 @@ def loop(conversation: Conversation, display: Display, others: list[ModelCheck])
             for key, _ in events:  # each owner registered its own pipes, with its callback
                 if selector.get_map().get(key.fd) is key:  # not a sox replaced in this round
                     key.data(key.fd)
-            if connection is not None and (ready or connection.buffered()) and not inbox.full():
+            if connection is not None and (ready or connection.buffered()) and not inbox.full() \
+                    and not connection.dropped:  # (what came before the drop is still handled)
                 inbox.add(connection.on_ready())
             for event in inbox.events(until=time.monotonic() + EVENT_SLICE):
                 conversation.handle(event)
