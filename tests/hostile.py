@@ -158,15 +158,16 @@ def storm(seed: int, events: int) -> Script:
     return script
 
 
-def flood(burst: int, mixed: bool, response: str = "r", count: int = 10_000) -> bytes:
-    """`count` events as raw frames, for one write: 1 KB transcript deltas of `response`'s item
-    `item_<response>` (10 MB of words in 10,000); with `mixed`, every tenth is instead a
-    response.done, every twentieth a transcript of the person's ("flood"). `burst` keeps the
-    event ids apart from another burst's."""
+def flood(burst: int, mixed: bool, response: str = "r", count: int = 10_000,
+          delta: str = "word " * 200) -> bytes:
+    """`count` events as raw frames, for one write: transcript deltas of `response`'s item
+    `item_<response>`, of 1 KB unless `delta` says (10 MB of words in 10,000); with `mixed`,
+    every tenth is instead a response.done, every twentieth a transcript of the person's
+    ("flood"). `burst` keeps the event ids apart from another burst's."""
     ids = f'"response_id": "{response}", "item_id": "item_{response}", "output_index": 0, ' \
           '"content_index": 0'
     events = [f'{{"type": "response.output_audio_transcript.delta", "event_id": "d{burst}_{i}", '
-              f'{ids}, "delta": "{"word " * 200}"}}' if not mixed or i % 10 else
+              f'{ids}, "delta": "{delta}"}}' if not mixed or i % 10 else
               f'{{"type": "response.done", "event_id": "r{burst}_{i}", "response": {{"id": "x", '
               f'"status": "completed", "usage": {{"input_tokens": 1, "output_tokens": 1}}}}}}'
               if i % 20 else

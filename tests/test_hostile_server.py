@@ -13,7 +13,7 @@ import time
 
 import pytest
 from conftest import API_KEY, assert_no_orphans, noise
-from hostile import BROKEN_FRAMES, Generator, dumps, flood, frame, storm
+from hostile import BROKEN_FRAMES, Generator, dumps, flood, storm
 from realtime_server import SERVER_EVENTS
 from test_terminal import Terminal
 
@@ -162,10 +162,7 @@ def test_what_came_before_a_broken_frame_is_handled_before_the_next_session(serv
     protocol, in one write: the client handles a burst in slices, and it reconnects only once it
     has handled every event that came before the break, so none is taken for the next session's
     (the `session.updated` would say that it started, with no session behind it)."""
-    ids = '"response_id": "resp_f", "item_id": "item_f", "output_index": 0, "content_index": 0'
-    burst = b"".join(frame(0x1, (f'{{"type": "response.output_audio_transcript.delta", '
-                                 f'"event_id": "d{i}", {ids}, "delta": "."}}').encode())
-                     for i in range(20_000))
+    burst = flood(3, mixed=False, response="resp_f", count=20_000, delta=".")
 
     async def script(session):
         update = await session.handshake()
