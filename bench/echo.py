@@ -12,6 +12,10 @@ gate, over a randomised matrix of rooms, voices, levels and moments, in one run.
                                                        (only headphones: unplugged mid-reply with
                                                         the person silent, and worn with a room
                                                         remembered while the person talks over it)
+    .venv/bin/python bench/echo.py --speakers-up 8 --modes auto --baseline REV
+                                                       (only the speakers turned up 6 dB mid-reply:
+                                                        with the person silent, and talking 2 s
+                                                        after)
     .venv/bin/python bench/echo.py --modes auto --baseline REV   (auto beside realtime_sox.py
                                                         at git revision REV, on the same trials)
 
@@ -141,6 +145,24 @@ def headphones(seed: int, count: int) -> list[Trial]:
     return found
 
 
+def speakers_up(seed: int, count: int) -> list[Trial]:
+    """`count` replies of 8 s with the person silent and the speakers turned up 6 dB 2 to 4.1 s
+    into them, and `count` with the person talking over the reply 2 s after the speakers went
+    up: the echo, suddenly louder than the guard learned it, is not the person; the person is."""
+    rng = random.Random(seed)
+    found = []
+    for number in range(2 * count):
+        path = draw_room(rng)
+        pair, level, question = rng.choice(PAIRS), round(rng.uniform(-26, -14), 1), rng.random() < 0.5
+        if number < count:
+            found.append(Trial(number, path, pair, level, question, None, 1, False, 8.0,
+                               "speakers up 6 dB", round(rng.uniform(2.0, 4.1), 1)))
+        else:
+            found.append(Trial(number, path, pair, level, question, rng.choice([4.5, 6.0]), 1,
+                               False, 9.0, "speakers up 6 dB"))
+    return found
+
+
 def run(mode: str, trial: Trial, baseline: FilePath | None = None) -> echo_trial.Result:
     """`mode` is one of MODES, or auto@REV: auto of `baseline`, realtime_sox.py at REV."""
     work = FilePath(tempfile.mkdtemp(prefix=f"echo-{mode.replace('@', '-')}-"))
@@ -232,6 +254,9 @@ def main() -> int:
                         help="also run auto of realtime_sox.py at this git revision (auto@REV)")
     parser.add_argument("--headphones", type=int, metavar="N",
                         help="only headphones: N unplugged mid-reply, N worn (see headphones())")
+    parser.add_argument("--speakers-up", type=int, metavar="N",
+                        help="only the speakers turned up 6 dB mid-reply: N with the person "
+                             "silent, N talking (see speakers_up())")
     parser.add_argument("--cpu", action="store_true",
                         help="only the CPU of each mode, 1 minute of the assistant in a -12 dB room")
     args = parser.parse_args()
@@ -256,6 +281,10 @@ def main() -> int:
         trials = headphones(args.seed, args.headphones)
         print(f"seed {args.seed}: headphones, {args.headphones} unplugged mid-reply with the "
               f"person silent, {args.headphones} worn with the person talking", flush=True)
+    elif args.speakers_up:
+        trials = speakers_up(args.seed, args.speakers_up)
+        print(f"seed {args.seed}: speakers up 6 dB mid-reply, {args.speakers_up} with the "
+              f"person silent, {args.speakers_up} with the person talking", flush=True)
     else:
         trials = matrix(args.seed, args.trials, args.silent_runs)
         print(f"seed {args.seed}: {args.trials} trials with the person talking, "

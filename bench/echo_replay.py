@@ -5,6 +5,7 @@ frame and every played sample of bench/echo.py's trials, recorded once, then fed
                                                                  1, 60 + 10 trials: about 25 min;
                                                                  needs ../shared/pulse-rig.sh up)
     .venv/bin/python bench/echo_replay.py --record DIR --headphones 12   (its --headphones trials)
+    .venv/bin/python bench/echo_replay.py --record DIR --speakers-up 8   (--speakers-up trials)
     .venv/bin/python bench/echo_replay.py --replay DIR --baseline REV    (seconds: this code beside
                                                                  realtime_sox.py at git revision REV)
 
@@ -75,8 +76,8 @@ EchoGuard.__init__, EchoGuard.played, EchoGuard.silenced, EchoGuard.hear = (
 '''
 
 
-def record(into: FilePath, headphones: int | None, seed: int, trials: int, silent_runs: int
-           ) -> None:
+def record(into: FilePath, headphones: int | None, speakers_up: int | None, seed: int,
+           trials: int, silent_runs: int) -> None:
     import echo
     import echo_trial
     from real_audio import why_no_real_audio
@@ -96,8 +97,8 @@ def record(into: FilePath, headphones: int | None, seed: int, trials: int, silen
             rooms.append(self)
 
     echo_trial.Room = NotedRoom
-    chosen = echo.headphones(seed, headphones) if headphones else echo.matrix(
-        seed, trials, silent_runs)
+    chosen = echo.headphones(seed, headphones) if headphones else echo.speakers_up(
+        seed, speakers_up) if speakers_up else echo.matrix(seed, trials, silent_runs)
     for trial in chosen:
         folder = into / f"t{trial.number:03d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -200,6 +201,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--record", metavar="DIR", type=FilePath)
     parser.add_argument("--headphones", type=int, metavar="N", help="bench/echo.py --headphones N")
+    parser.add_argument("--speakers-up", type=int, metavar="N",
+                        help="bench/echo.py --speakers-up N")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--trials", type=int, default=60, help="as bench/echo.py's")
     parser.add_argument("--silent-runs", type=int, default=10, help="as bench/echo.py's")
@@ -207,7 +210,7 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="REV", help="also replay realtime_sox.py at REV")
     args = parser.parse_args()
     if args.record:
-        record(args.record, args.headphones, args.seed, args.trials, args.silent_runs)
+        record(args.record, args.headphones, args.speakers_up, args.seed, args.trials, args.silent_runs)
         return 0
     if not args.replay:
         parser.error("--record DIR or --replay DIR")
