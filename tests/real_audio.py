@@ -27,6 +27,8 @@ def why_no_real_audio() -> str | None:
     for tool in ("sox", "pactl", "espeak-ng"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (CI installs it with ../shared/pulse-rig.sh up)"
+    if shutil.which("flite") is None:
+        return "flite is not installed (apt-get install flite; .ci/run installs it)"
     if subprocess.run(["pactl", "info"], capture_output=True).returncode != 0:
         return "no PulseAudio server is reachable (CI starts one with ../shared/pulse-rig.sh up)"
     if "pulseaudio" not in subprocess.run(["sox", "-h"], capture_output=True, text=True).stdout:
