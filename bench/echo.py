@@ -126,11 +126,11 @@ def matrix(seed: int, trials: int, silent_runs: int) -> list[Trial]:
     return found
 
 
-def headphones(seed: int, count: int) -> list[Trial]:
-    """`count` replies of 8 s with the person silent and the headphones unplugged 2 to 4.1 s
-    into them, and `count` with the headphones on throughout and the person talking over the
-    first reply, each after a run with the speakers in the same room (so that its path is
-    remembered: the one that tells an unplugged echo from the person)."""
+def changed_mid_reply(seed: int, count: int, change: str, onsets: list[float], seconds: float,
+                      talking_change: str) -> list[Trial]:
+    """`count` replies of 8 s with the person silent and `change` 2 to 4.1 s into them, then
+    `count` replies of `seconds` with `talking_change` and the person talking over them at one of
+    `onsets`."""
     rng = random.Random(seed)
     found = []
     for number in range(2 * count):
@@ -138,29 +138,26 @@ def headphones(seed: int, count: int) -> list[Trial]:
         pair, level, question = rng.choice(PAIRS), round(rng.uniform(-26, -14), 1), rng.random() < 0.5
         if number < count:
             found.append(Trial(number, path, pair, level, question, None, 1, False, 8.0,
-                               "headphones out", round(rng.uniform(2.0, 4.1), 1)))
+                               change, round(rng.uniform(2.0, 4.1), 1)))
         else:
-            found.append(Trial(number, path, pair, level, question,
-                               rng.choice([1.0, 1.5, 2.5, 4.5]), 1, False, 7.0, WORN))
+            found.append(Trial(number, path, pair, level, question, rng.choice(onsets), 1, False,
+                               seconds, talking_change))
     return found
+
+
+def headphones(seed: int, count: int) -> list[Trial]:
+    """`count` replies of 8 s with the person silent and the headphones unplugged 2 to 4.1 s
+    into them, and `count` with the headphones on throughout and the person talking over the
+    first reply, each after a run with the speakers in the same room (so that its path is
+    remembered: the one that tells an unplugged echo from the person)."""
+    return changed_mid_reply(seed, count, "headphones out", [1.0, 1.5, 2.5, 4.5], 7.0, WORN)
 
 
 def speakers_up(seed: int, count: int) -> list[Trial]:
     """`count` replies of 8 s with the person silent and the speakers turned up 6 dB 2 to 4.1 s
     into them, and `count` with the person talking over the reply 2 s after the speakers went
     up: the echo, suddenly louder than the guard learned it, is not the person; the person is."""
-    rng = random.Random(seed)
-    found = []
-    for number in range(2 * count):
-        path = draw_room(rng)
-        pair, level, question = rng.choice(PAIRS), round(rng.uniform(-26, -14), 1), rng.random() < 0.5
-        if number < count:
-            found.append(Trial(number, path, pair, level, question, None, 1, False, 8.0,
-                               "speakers up 6 dB", round(rng.uniform(2.0, 4.1), 1)))
-        else:
-            found.append(Trial(number, path, pair, level, question, rng.choice([4.5, 6.0]), 1,
-                               False, 9.0, "speakers up 6 dB"))
-    return found
+    return changed_mid_reply(seed, count, "speakers up 6 dB", [4.5, 6.0], 9.0, "speakers up 6 dB")
 
 
 def run(mode: str, trial: Trial, baseline: FilePath | None = None) -> echo_trial.Result:
