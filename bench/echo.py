@@ -160,6 +160,21 @@ def speakers_up(seed: int, count: int) -> list[Trial]:
     return changed_mid_reply(seed, count, "speakers up 6 dB", [4.5, 6.0], 9.0, "speakers up 6 dB")
 
 
+def trials_asked(args: argparse.Namespace) -> tuple[list[Trial], str]:
+    """The trials of --headphones N, --speakers-up N or else the matrix, and what they are (shared
+    with bench/echo_replay.py, which takes the same flags)."""
+    if args.headphones:
+        return headphones(args.seed, args.headphones), (
+            f"headphones, {args.headphones} unplugged mid-reply with the person silent, "
+            f"{args.headphones} worn with the person talking")
+    if args.speakers_up:
+        return speakers_up(args.seed, args.speakers_up), (
+            f"speakers up 6 dB mid-reply, {args.speakers_up} with the person silent, "
+            f"{args.speakers_up} with the person talking")
+    return matrix(args.seed, args.trials, args.silent_runs), (
+        f"{args.trials} trials with the person talking, {args.silent_runs} with the person silent")
+
+
 def run(mode: str, trial: Trial, baseline: FilePath | None = None) -> echo_trial.Result:
     """`mode` is one of MODES, or auto@REV: auto of `baseline`, realtime_sox.py at REV."""
     work = FilePath(tempfile.mkdtemp(prefix=f"echo-{mode.replace('@', '-')}-"))
@@ -274,18 +289,8 @@ def main() -> int:
             result = echo_trial.run(mode, Path(gain_db=-12), replies=2)
             print(f"| {mode} | {result.cpu_percent:.2f} % of a core |", flush=True)
         return 0
-    if args.headphones:
-        trials = headphones(args.seed, args.headphones)
-        print(f"seed {args.seed}: headphones, {args.headphones} unplugged mid-reply with the "
-              f"person silent, {args.headphones} worn with the person talking", flush=True)
-    elif args.speakers_up:
-        trials = speakers_up(args.seed, args.speakers_up)
-        print(f"seed {args.seed}: speakers up 6 dB mid-reply, {args.speakers_up} with the "
-              f"person silent, {args.speakers_up} with the person talking", flush=True)
-    else:
-        trials = matrix(args.seed, args.trials, args.silent_runs)
-        print(f"seed {args.seed}: {args.trials} trials with the person talking, "
-              f"{args.silent_runs} with the person silent", flush=True)
+    trials, what = trials_asked(args)
+    print(f"seed {args.seed}: {what}", flush=True)
     for trial in trials:
         print(f"  {trial}", file=sys.stderr, flush=True)
     def chosen(mode: str) -> list[Trial]:

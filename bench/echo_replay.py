@@ -76,8 +76,8 @@ EchoGuard.__init__, EchoGuard.played, EchoGuard.silenced, EchoGuard.hear = (
 '''
 
 
-def record(into: FilePath, headphones: int | None, speakers_up: int | None, seed: int,
-           trials: int, silent_runs: int) -> None:
+def record(into: FilePath, args: argparse.Namespace) -> None:
+    """Records the trials bench/echo.py would run with the same flags (echo.trials_asked)."""
     import echo
     import echo_trial
     from real_audio import why_no_real_audio
@@ -97,9 +97,7 @@ def record(into: FilePath, headphones: int | None, speakers_up: int | None, seed
             rooms.append(self)
 
     echo_trial.Room = NotedRoom
-    chosen = echo.headphones(seed, headphones) if headphones else echo.speakers_up(
-        seed, speakers_up) if speakers_up else echo.matrix(seed, trials, silent_runs)
-    for trial in chosen:
+    for trial in echo.trials_asked(args)[0]:
         folder = into / f"t{trial.number:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         os.environ["ECHO_RECORD"] = str(folder)
@@ -210,7 +208,7 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="REV", help="also replay realtime_sox.py at REV")
     args = parser.parse_args()
     if args.record:
-        record(args.record, args.headphones, args.speakers_up, args.seed, args.trials, args.silent_runs)
+        record(args.record, args)
         return 0
     if not args.replay:
         parser.error("--record DIR or --replay DIR")
