@@ -1852,6 +1852,11 @@ class EchoGuard:
         self.kept_margin = 0.0  # the margin from before that change, for fits too young for theirs
         self.unscaled: EchoPath | None = None  # the path from before it, until one is learnt after
         self.doubt = self.doubt_quiet = 0  # with headphones: loud frames held, quiet ones since
+        # Before the first path: what the microphone heard against the loudest just played, while
+        # the assistant spoke, and how many frames in a row were far beyond it
+        self.bound_ratios: collections.deque[tuple[int, float]] = collections.deque(
+            maxlen=ECHO_WINDOW)
+        self.beyond_run = 0
         self.person = False  # speaking over the assistant, until the next reply plays
         self.interrupted_at = -math.inf
         self.audible_until = -math.inf  # the end of the last played audio (ledger time)
@@ -1907,8 +1912,12 @@ class EchoGuard:
         expected = sum(expectations)
         # Louder than the echo may be the person: the echo is not learned from it. Nor from what
         # the microphone hears before the assistant's sound, or long after: the person's question.
-        suspect = self.person or (self.path is not None and heard > ECHO_MARGIN * expected)
         may_echo = self.sound_from <= captured + 0.02 and captured < self.sound_until + ECHO_TAIL
+        beyond = self.path is None and not self.no_echo and self._beyond_bound(powers, first,
+                                                                               may_echo)
+        self.beyond_run = self.beyond_run + 1 if beyond else 0
+        suspect = self.person or beyond or (
+            self.path is not None and heard > ECHO_MARGIN * expected)
         for n, power in enumerate(powers):
             self.heard.append((first + n, power, suspect, may_echo))
             self.recent.append((power, expectations[n], sounding[n] and not suspect))
@@ -1932,6 +1941,33 @@ class EchoGuard:
         for power, most in zip(powers, expectations, strict=True):
             self.ring = max(self.ring * ECHO_SLOWEST, min(power, most))
         return verdict
+
+    def _beyond_bound(self, powers: list[float], first: int, may_echo: bool) -> bool:
+        """Before the first path: whether this frame is far louder (9 dB) than the echo can be,
+        by what the microphone heard back of the loudest sound just played (its 95th percentile)
+        over at least half a second of the assistant's sound. An echo too near the room's noise
+        to learn a path from (a fan) still bounds it: louder than that is the person. What was
+        heard in the last 100 ms does not count yet: a voice grows for a while before it is
+        clearly louder than the echo, and its first sounds would raise the bound."""
+        played = [max((self.reference.get(past, 0.0) for past in
+                       range(key - ECHO_MAX_DELAY - 2, key + 2)), default=0.0)
+                  for key in range(first, first + len(powers))]
+        if not may_echo or min(played) <= ECHO_SOUNDING:
+            return False
+        settled = sorted(ratio for key, ratio in self.bound_ratios if key < first - 10)
+        heard, beyond = sum(powers), False
+        if len(settled) >= ECHO_LEARN_FROM:
+            most = len(powers) * self.noise + settled[len(settled) * 95 // 100] * sum(played)
+            beyond = heard > ECHO_MARGIN ** 2 * most and \
+                heard > ECHO_ABOVE_NOISE * len(powers) * self.noise
+        if beyond:  # ...and the 100 ms before were its first sounds
+            while self.bound_ratios and self.bound_ratios[-1][0] >= first - 10:
+                self.bound_ratios.pop()
+        else:
+            self.bound_ratios.extend((first + n, max(power - self.noise, 0.0) / loudest)
+                                     for n, (power, loudest) in enumerate(zip(powers, played,
+                                                                              strict=True)))
+        return beyond
 
     def _expected(self, key: int) -> float:
         """The echo this bin should carry, at its loudest (slack of 10 ms later and 20 ms sooner:
@@ -1962,7 +1998,7 @@ class EchoGuard:
             not self.learned and not self._fits_remembered(heard, expected, noise))
         if learning:
             self.above.clear()  # frames above a path since dropped are not above the next one
-            return self.HOLD
+            return self._person(captured) if self.beyond_run >= ECHO_FRAMES else self.HOLD
         if self._louder(heard, expected, ringing, noise):
             return self._person(captured)
         # After the last word, a room that rings may still be heard after the path's tail has
@@ -1987,6 +2023,7 @@ class EchoGuard:
         return louder or far_louder
 
     def _person(self, captured: float) -> str:
+        self.beyond_run = 0
         self.above.clear()
         self.doubt = self.doubt_quiet = 0  # a reply that starts before the next frame starts afresh
         self.person = True
