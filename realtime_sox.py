@@ -1949,10 +1949,12 @@ class EchoGuard:
         to learn a path from (a fan) still bounds it: louder than that is the person. What was
         heard in the last 100 ms does not count yet: a voice grows for a while before it is
         clearly louder than the echo, and its first sounds would raise the bound."""
-        played = [max((self.reference.get(past, 0.0) for past in
-                       range(key - ECHO_MAX_DELAY - 2, key + 2)), default=0.0)
-                  for key in range(first, first + len(powers))]
-        if not may_echo or min(played) <= ECHO_SOUNDING:
+        if not may_echo:
+            return False
+        keys = range(first, first + len(powers))
+        played = [max(self.reference.get(past, 0.0)
+                      for past in range(key - ECHO_MAX_DELAY - 2, key + 2)) for key in keys]
+        if min(played) <= ECHO_SOUNDING:
             return False
         settled = sorted(ratio for key, ratio in self.bound_ratios if key < first - 10)
         heard, beyond = sum(powers), False
@@ -1964,9 +1966,9 @@ class EchoGuard:
             while self.bound_ratios and self.bound_ratios[-1][0] >= first - 10:
                 self.bound_ratios.pop()
         else:
-            self.bound_ratios.extend((first + n, max(power - self.noise, 0.0) / loudest)
-                                     for n, (power, loudest) in enumerate(zip(powers, played,
-                                                                              strict=True)))
+            self.bound_ratios.extend((key, max(power - self.noise, 0.0) / loudest)
+                                     for key, power, loudest in zip(keys, powers, played,
+                                                                    strict=True))
         return beyond
 
     def _expected(self, key: int) -> float:

@@ -81,7 +81,7 @@ def test_an_echo_too_faint_to_learn_beside_a_fan_the_person_talks_over_the_first
     the guard to learn a path from, so when the person talks over the first reply 1 s in,
     nothing is learnt yet, and their voice was the loudest thing in the window: learnt as the
     echo (19 dB too loud), it left them unheard for 0.8 to 3 s. What the assistant's first
-    second sounded like at the microphone still bounds its echo, and the person is far above."""
+    half second sounded like at the microphone still bounds its echo, and the person is far above."""
     result = echo_trial.run("auto", Path(gain_db=-22, noise_dbfs=-45), question=True,
                             person_at=1.0, seconds=4, pair=("flite:rms", "en-us+f2"),
                             person_dbfs=-18, work=tmp_path)
